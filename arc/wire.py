@@ -1,0 +1,230 @@
+"""Frames: messages on a byte stream, for the admin channel.
+
+How this works
+--------------
+A socket carries a stream of bytes, not messages, so each message travels
+as a frame::
+
+    +----------------------+---------------------------------+
+    | length: 4 bytes, big | one msgpack message (arc.messages)|
+    | endian, unsigned     | of exactly `length` bytes         |
+    +----------------------+---------------------------------+
+
+``FrameDecoder`` is fed whatever bytes arrived, in pieces of any size, and
+returns the messages completed so far. It never touches a socket, so every
+split point and every hostile input can be tested in memory.
+
+What always holds
+-----------------
+- A frame longer than its limit is refused as soon as its four length bytes
+  are in, before any of its body is buffered: a peer cannot make the decoder
+  hold more than one frame's limit plus one read.
+- Every failure is ``BadInput`` with a message naming what arrived. After a
+  failure the stream has lost its framing, so the decoder refuses any further
+  input; the caller answers with an error frame and closes.
+- A request frame holds exactly the request shape of ``arc.messages``
+  (``verb``, ``payload``, ``reply``); an answer frame holds ``reply`` and one
+  of ``ok`` or ``error``.
+
+Requests are capped at ``MAX_MESSAGE_BYTES`` (2 MiB: one bundle and its
+envelope). Answers come from the authenticated server and may be larger
+(the list of 10,000 certificates is about 3 MiB), so the client reads them
+with ``MAX_ANSWER_BYTES``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import msgpack
+
+from arc.errors import ArcError, BadInput, error_from_kind
+from arc.messages import MAX_MESSAGE_BYTES, Message, pack, request_from_value
+
+T = TypeVar("T")
+
+HEADER = struct.Struct(">I")
+HEADER_BYTES = HEADER.size
+
+# An answer may list every certificate (about 300 bytes each); 64 MiB covers
+# some 200,000 of them and still bounds what a client will hold.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A decoded answer: the reply number and either a payload or an error."""
+
+    reply: int | None
+    ok: Any = None
+    error: ArcError | None = None
+
+    def result(self) -> Any:
+        """The payload, or raise the error that the answer carries."""
+        if self.error is not None:
+            raise self.error
+        return self.ok
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix an encoded message with its length."""
+    return HEADER.pack(len(body)) + body
+
+
+def request_frame(verb: str, payload: Any = None, reply: int | None = None) -> bytes:
+    """A request frame: ``{"verb", "payload", "reply"}``."""
+    message: dict[str, Any] = {"verb": verb, "payload": payload}
+    if reply is not None:
+        message["reply"] = reply
+    return frame(pack(message))
+
+
+def ok_frame(reply: int | None, payload: Any) -> bytes:
+    """A successful answer frame."""
+    return frame(pack({"reply": reply, "ok": payload}))
+
+
+def error_frame(reply: int | None, error: ArcError) -> bytes:
+    """An error answer frame carrying the error's kind and message."""
+    body = {"reply": reply, "error": {"kind": error.kind, "message": error.message}}
+    return frame(pack(body))
+
+
+def answer_from_value(value: Any) -> Answer:
+    """Check a decoded value is an answer and return it."""
+    if not isinstance(value, dict):
+        raise BadInput(f"answer: expected a map, got {type(value).__name__}")
+    if "reply" not in value:
+        raise BadInput(f"answer: expected a 'reply' field, got {sorted(value)}")
+    reply = value["reply"]
+    if reply is not None and (not isinstance(reply, int) or isinstance(reply, bool)):
+        raise BadInput(
+            f"answer: 'reply' must be an integer, got {type(reply).__name__}"
+        )
+    extra = set(value) - {"reply", "ok", "error"}
+    if extra:
+        raise BadInput(f"answer: unexpected field(s) {', '.join(sorted(extra))}")
+    if "error" in value:
+        error = value["error"]
+        if not isinstance(error, dict):
+            raise BadInput(f"answer: 'error' must be a map, got {type(error).__name__}")
+        kind, message = error.get("kind"), error.get("message")
+        return Answer(reply=reply, error=error_from_kind(str(kind), str(message)))
+    if "ok" not in value:
+        raise BadInput("answer: expected 'ok' or 'error', got neither")
+    return Answer(reply=reply, ok=value["ok"])
+
+
+def _unpack(body: bytes, what: str) -> Any:
+    """Decode one msgpack value from untrusted bytes."""
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, timestamp=3)
+    except Exception as exc:  # msgpack raises many unrelated types
+        raise BadInput(
+            f"{what}: frame of {len(body)} bytes is not valid msgpack ({exc})"
+        ) from exc
+
+
+class FrameDecoder(Generic[T]):
+    """Turn bytes fed in pieces into checked messages.
+
+    Args:
+        parse: checks one decoded value and returns the message (for example
+            ``request_from_value``); it raises ``BadInput`` for a wrong shape.
+        max_frame_bytes: the largest body accepted; a length prefix above it
+            is refused at once.
+        what: names the stream in error messages ("request", "answer").
+    """
+
+    def __init__(
+        self,
+        parse: Callable[[Any], T],
+        *,
+        max_frame_bytes: int = MAX_MESSAGE_BYTES,
+        what: str = "frame",
+    ) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError(f"max_frame_bytes must be positive, got {max_frame_bytes}")
+        self._parse = parse
+        self._max = max_frame_bytes
+        self._what = what
+        self._buffer = bytearray()
+        self._need: int | None = None  # body length once the header is read
+        self._failed: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+        return len(self._buffer)
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame is held (the stream may end here)."""
+        return not self._buffer and self._need is None
+
+    def feed(self, data: bytes) -> list[T]:
+        """Add received bytes; return every message they complete, in order.
+
+        Raises:
+            BadInput: a length over the limit, bytes that are not msgpack, or a
+                message of the wrong shape. The decoder is then closed.
+        """
+        if self._failed is not None:
+            raise BadInput(f"{self._what}: stream already refused ({self._failed})")
+        try:
+            return self._feed(data)
+        except BadInput as exc:
+            self._failed = exc.message
+            self._buffer.clear()
+            raise
+
+    def _feed(self, data: bytes) -> list[T]:
+        """Decode as many frames as the buffer now holds."""
+        self._buffer += data
+        out: list[T] = []
+        pos = 0
+        buffer = self._buffer
+        while True:
+            # Header: refuse an oversized frame before holding any of its body.
+            if self._need is None:
+                if len(buffer) - pos < HEADER_BYTES:
+                    break
+                (length,) = HEADER.unpack_from(buffer, pos)
+                pos += HEADER_BYTES
+                if length > self._max:
+                    raise BadInput(
+                        f"{self._what}: frame of {length} bytes is over the "
+                        f"limit of {self._max}"
+                    )
+                if length == 0:
+                    raise BadInput(
+                        f"{self._what}: empty frame (length 0), expected one message"
+                    )
+                self._need = length
+
+            # Body: decode and check the shape once it is complete.
+            if len(buffer) - pos < self._need:
+                break
+            body = bytes(buffer[pos : pos + self._need])
+            pos += self._need
+            self._need = None
+            out.append(self._parse(_unpack(body, self._what)))
+        del buffer[:pos]
+        return out
+
+
+def request_decoder(max_frame_bytes: int = MAX_MESSAGE_BYTES) -> FrameDecoder[Message]:
+    """A decoder for the server side: request frames, capped at 2 MiB."""
+    return FrameDecoder(
+        request_from_value, max_frame_bytes=max_frame_bytes, what="request"
+    )
+
+
+def answer_decoder(max_frame_bytes: int = MAX_ANSWER_BYTES) -> FrameDecoder[Answer]:
+    """A decoder for the client side: answer frames."""
+    return FrameDecoder(
+        answer_from_value, max_frame_bytes=max_frame_bytes, what="answer"
+    )
