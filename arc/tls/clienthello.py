@@ -1,0 +1,326 @@
+"""Read the server name and ALPN offer from the bytes of a TLS ClientHello.
+
+How this works
+--------------
+A TLS connection opens with a ClientHello handshake message (RFC 8446 4.1.2,
+RFC 5246 7.4.1.2) carried in one or more TLS records of content type 22
+(handshake). Browsers send about 1.8 KB, which usually fits one record but may
+arrive in two TCP segments; a ClientHello may also be split over several
+records (RFC 8446 5.1 allows fragmenting a handshake message). The accept path
+peeks at the socket without consuming anything and calls
+:func:`parse_client_hello` on whatever has arrived so far:
+
+- when the bytes end before the ClientHello does, the answer has
+  ``complete=False`` and ``wanted`` names how many bytes from the start of the
+  connection must be present before another call can make progress;
+- when the ClientHello is whole, the answer has ``complete=True``, the server
+  name from the ``server_name`` extension (RFC 6066 3) and the protocols of the
+  ``application_layer_protocol_negotiation`` extension (RFC 7301 3.1);
+- anything that is not a well-formed ClientHello raises
+  :class:`ClientHelloError`, never another exception.
+
+What always holds
+-----------------
+- The function is pure: bytes in, a value or ``ClientHelloError`` out.
+- It never reads past ``MAX_CLIENT_HELLO_BYTES``: a peer that needs more is
+  refused with an error rather than buffered.
+- ``server_name`` is lower case, without a trailing dot, made of DNS labels
+  (letters, digits, ``-`` and ``_``), at most 253 characters; a name that is
+  not is an error, not silently dropped.
+- Bytes after the ClientHello (none are expected before the server answers)
+  are ignored.
+
+Not done
+--------
+- SSLv2-compatible ClientHellos (first byte 0x80) are refused: they cannot
+  offer TLS 1.2 extensions, so no such client could use SNI anyway.
+- Encrypted Client Hello (ECH) is not decrypted: the outer, public name is
+  what this function reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arc.errors import BadInput
+
+# A handshake record carries content type 22 (RFC 8446 5.1).
+RECORD_TYPE_HANDSHAKE = 22
+# ClientHello is handshake message type 1 (RFC 8446 4).
+HANDSHAKE_TYPE_CLIENT_HELLO = 1
+# Record header: type (1), legacy version (2), length (2).
+RECORD_HEADER_BYTES = 5
+# A TLSPlaintext fragment is at most 2^14 bytes (RFC 8446 5.1).
+MAX_RECORD_PAYLOAD_BYTES = 2**14
+# How much of a connection's start we are willing to hold to find the
+# ClientHello: one full record and its header. Real ClientHellos are 0.5 to
+# 2 KB; post-quantum key shares add about 1.2 KB.
+MAX_CLIENT_HELLO_BYTES = 16 * 1024
+# Extension numbers (IANA TLS ExtensionType registry).
+EXTENSION_SERVER_NAME = 0
+EXTENSION_ALPN = 16
+# server_name list entry type for a DNS host name (RFC 6066 3).
+NAME_TYPE_HOST_NAME = 0
+# DNS limits (RFC 1035 2.3.4).
+MAX_NAME_CHARS = 253
+MAX_LABEL_CHARS = 63
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+class ClientHelloError(BadInput):
+    """The peer sent bytes that are not a ClientHello this server can use."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """What the accept path needs from a ClientHello.
+
+    Attributes:
+        complete: False when more bytes must arrive before the ClientHello is
+            whole; the other fields are then empty.
+        wanted: the number of bytes from the start of the connection that must
+            be present before parsing again can make progress (when
+            incomplete), or the length of the records that hold the
+            ClientHello (when complete).
+        server_name: the SNI host name, lower case, no trailing dot; None when
+            the client sent none.
+        alpn: the protocols the client offered, in its order.
+    """
+
+    complete: bool
+    wanted: int
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+
+
+def parse_client_hello(data: bytes) -> ClientHello:
+    """Parse the TLS records at the start of a connection.
+
+    Args:
+        data: the bytes received so far, from the first byte of the
+            connection.
+
+    Returns:
+        A complete ClientHello, or an incomplete one saying how many bytes to
+        wait for.
+
+    Raises:
+        ClientHelloError: the bytes are not a TLS handshake starting with a
+            ClientHello, are malformed, or exceed ``MAX_CLIENT_HELLO_BYTES``.
+    """
+    # Gather handshake bytes record by record until the ClientHello's own
+    # length says it is whole; the message may be fragmented over records.
+    view = memoryview(data)
+    message = bytearray()
+    offset = 0
+    needed_message_bytes: int | None = None
+    while needed_message_bytes is None or len(message) < needed_message_bytes:
+        if offset + RECORD_HEADER_BYTES > len(view):
+            return _incomplete(offset + RECORD_HEADER_BYTES)
+        record_type = view[offset]
+        if record_type != RECORD_TYPE_HANDSHAKE:
+            raise ClientHelloError(
+                f"TLS record: expected content type {RECORD_TYPE_HANDSHAKE} "
+                f"(handshake) at byte {offset}, got {record_type}"
+                + (" (not TLS: SSLv2 or plain text)" if offset == 0 else "")
+            )
+        if view[offset + 1] != 3:
+            raise ClientHelloError(
+                f"TLS record: expected legacy version 3.x at byte {offset}, "
+                f"got {view[offset + 1]}.{view[offset + 2]}"
+            )
+        length = int.from_bytes(view[offset + 3 : offset + 5], "big")
+        if length == 0 or length > MAX_RECORD_PAYLOAD_BYTES:
+            raise ClientHelloError(
+                f"TLS record: expected a length of 1 to {MAX_RECORD_PAYLOAD_BYTES} "
+                f"bytes at byte {offset}, got {length}"
+            )
+        end = offset + RECORD_HEADER_BYTES + length
+        if end > MAX_CLIENT_HELLO_BYTES:
+            raise ClientHelloError(
+                f"ClientHello: expected at most {MAX_CLIENT_HELLO_BYTES} bytes of "
+                f"records, the records announced reach {end}"
+            )
+        if end > len(view):
+            return _incomplete(end)
+        message += view[offset + RECORD_HEADER_BYTES : end]
+        offset = end
+        if needed_message_bytes is None and len(message) >= 4:
+            if message[0] != HANDSHAKE_TYPE_CLIENT_HELLO:
+                raise ClientHelloError(
+                    "handshake: expected message type 1 (ClientHello), "
+                    f"got {message[0]}"
+                )
+            needed_message_bytes = 4 + int.from_bytes(message[1:4], "big")
+
+    server_name, alpn = _parse_body(bytes(message[4:needed_message_bytes]))
+    return ClientHello(complete=True, wanted=offset, server_name=server_name, alpn=alpn)
+
+
+def _incomplete(wanted: int) -> ClientHello:
+    """Answer 'wait for more bytes' after checking the bound."""
+    if wanted > MAX_CLIENT_HELLO_BYTES:
+        raise ClientHelloError(
+            f"ClientHello: expected at most {MAX_CLIENT_HELLO_BYTES} bytes of "
+            f"records, still incomplete at {wanted}"
+        )
+    return ClientHello(complete=False, wanted=wanted)
+
+
+class _Reader:
+    """A cursor over one ClientHello body; every read is bounds-checked."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def take(self, count: int, field: str) -> bytes:
+        end = self.pos + count
+        if end > len(self.data):
+            raise ClientHelloError(
+                f"{self.what}: {field} needs {count} bytes at offset {self.pos}, "
+                f"only {len(self.data) - self.pos} remain"
+            )
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def number(self, size: int, field: str) -> int:
+        return int.from_bytes(self.take(size, field), "big")
+
+    def vector(self, length_size: int, field: str) -> bytes:
+        return self.take(self.number(length_size, f"{field} length"), field)
+
+    def at_end(self) -> bool:
+        return self.pos == len(self.data)
+
+
+def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
+    """Walk the ClientHello fields (RFC 8446 4.1.2) to the extensions."""
+    reader = _Reader(body, "ClientHello")
+    reader.take(2, "legacy_version")
+    reader.take(32, "random")
+    session_id = reader.vector(1, "legacy_session_id")
+    if len(session_id) > 32:
+        raise ClientHelloError(
+            f"ClientHello: expected a session id of at most 32 bytes, "
+            f"got {len(session_id)}"
+        )
+    suites = reader.vector(2, "cipher_suites")
+    if not suites or len(suites) % 2:
+        raise ClientHelloError(
+            "ClientHello: expected a non-empty, even-length cipher suite list, "
+            f"got {len(suites)} bytes"
+        )
+    if not reader.vector(1, "legacy_compression_methods"):
+        raise ClientHelloError(
+            "ClientHello: expected at least one compression method, got none"
+        )
+    # A ClientHello without extensions is legal before TLS 1.3 (RFC 5246
+    # 7.4.1.2): such a client offers neither SNI nor ALPN.
+    if reader.at_end():
+        return None, ()
+    extensions = _Reader(reader.vector(2, "extensions"), "ClientHello extensions")
+    if not reader.at_end():
+        raise ClientHelloError(
+            f"ClientHello: expected the message to end after the extensions, "
+            f"{len(body) - reader.pos} bytes follow"
+        )
+
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    seen: set[int] = set()
+    while not extensions.at_end():
+        kind = extensions.number(2, "extension type")
+        data = extensions.vector(2, f"extension {kind}")
+        # RFC 8446 4.2: there must not be more than one extension of a type.
+        if kind in seen:
+            raise ClientHelloError(f"ClientHello: extension {kind} appears twice")
+        seen.add(kind)
+        if kind == EXTENSION_SERVER_NAME:
+            server_name = _parse_server_name(data)
+        elif kind == EXTENSION_ALPN:
+            alpn = _parse_alpn(data)
+    return server_name, alpn
+
+
+def _parse_server_name(data: bytes) -> str | None:
+    """Read the host_name entry of a server_name extension (RFC 6066 3)."""
+    # A server echoes an empty server_name extension; a client may not send
+    # one, but treating it as 'no name' costs nothing.
+    if not data:
+        return None
+    outer = _Reader(data, "server_name extension")
+    entries = _Reader(outer.vector(2, "server_name_list"), "server_name_list")
+    if not outer.at_end():
+        raise ClientHelloError(
+            "server_name extension: bytes follow the server_name_list"
+        )
+    host_name: bytes | None = None
+    while not entries.at_end():
+        name_type = entries.number(1, "name_type")
+        name = entries.vector(2, "name")
+        # RFC 6066 3: at most one name of each type.
+        if name_type == NAME_TYPE_HOST_NAME:
+            if host_name is not None:
+                raise ClientHelloError(
+                    "server_name extension: more than one host_name entry"
+                )
+            host_name = name
+    if host_name is None:
+        return None
+    return normalise_server_name(host_name)
+
+
+def normalise_server_name(raw: bytes) -> str:
+    """Turn an SNI host name into the lower-case form used as a cache key.
+
+    Raises:
+        ClientHelloError: the name is empty, too long, not ASCII, or holds a
+            character that no DNS label may hold.
+    """
+    try:
+        name = raw.decode("ascii").lower()
+    except UnicodeDecodeError:
+        raise ClientHelloError(
+            f"server_name: expected an ASCII host name (A-labels), got {raw[:64]!r}"
+        ) from None
+    # RFC 6066 3 forbids the trailing dot, but clients send it; it names the
+    # same domain.
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise ClientHelloError(
+            f"server_name: expected 1 to {MAX_NAME_CHARS} characters, got {len(name)}"
+        )
+    for label in name.split("."):
+        if (
+            not label
+            or len(label) > MAX_LABEL_CHARS
+            or not _LABEL_CHARS.issuperset(label)
+        ):
+            raise ClientHelloError(
+                f"server_name: expected DNS labels of 1 to {MAX_LABEL_CHARS} "
+                f"letters, digits, '-' or '_', got {name[:64]!r}"
+            )
+    return name
+
+
+def _parse_alpn(data: bytes) -> tuple[str, ...]:
+    """Read the protocol list of an ALPN extension (RFC 7301 3.1)."""
+    outer = _Reader(data, "ALPN extension")
+    entries = _Reader(outer.vector(2, "protocol_name_list"), "protocol_name_list")
+    if not outer.at_end():
+        raise ClientHelloError("ALPN extension: bytes follow the protocol list")
+    protocols: list[str] = []
+    while not entries.at_end():
+        name = entries.vector(1, "protocol name")
+        if not name:
+            raise ClientHelloError("ALPN extension: empty protocol name")
+        # Protocol names are opaque bytes; decode losslessly so that a name
+        # that is not ASCII cannot match one we offer.
+        protocols.append(name.decode("latin-1"))
+    if not protocols:
+        raise ClientHelloError("ALPN extension: empty protocol list")
+    return tuple(protocols)
