@@ -24,9 +24,9 @@ What always holds
 - The function is pure: bytes in, a value or ``ClientHelloError`` out.
 - It never reads past ``MAX_CLIENT_HELLO_BYTES``: a peer that needs more is
   refused with an error rather than buffered.
-- ``server_name`` is lower case, without a trailing dot, made of DNS labels
-  (letters, digits, ``-`` and ``_``), at most 253 characters; a name that is
-  not is an error, not silently dropped.
+- ``server_name`` is spelled as :func:`arc.names.normalise_domain` spells
+  it (lower case, no trailing dot, checked labels); a name that is not a
+  domain is an error, not silently dropped.
 - Bytes after the ClientHello (none are expected before the server answers)
   are ignored.
 
@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arc.errors import BadInput
+from arc.names import normalise_domain
 
 # A handshake record carries content type 22 (RFC 8446 5.1).
 RECORD_TYPE_HANDSHAKE = 22
@@ -61,14 +62,23 @@ EXTENSION_SERVER_NAME = 0
 EXTENSION_ALPN = 16
 # server_name list entry type for a DNS host name (RFC 6066 3).
 NAME_TYPE_HOST_NAME = 0
-# DNS limits (RFC 1035 2.3.4).
-MAX_NAME_CHARS = 253
-MAX_LABEL_CHARS = 63
-_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+# Alert descriptions (RFC 8446 6.2).
+ALERT_DECODE_ERROR = 50
+ALERT_UNRECOGNIZED_NAME = 112
 
 
 class ClientHelloError(BadInput):
-    """The peer sent bytes that are not a ClientHello this server can use."""
+    """The peer sent bytes that are not a ClientHello this server can use.
+
+    Attributes:
+        alert: the TLS alert description to send before closing
+            (RFC 8446 6.2): decode_error for broken framing, unrecognized_name
+            for a server name that is not a domain.
+    """
+
+    def __init__(self, message: str, alert: int | None = None) -> None:
+        super().__init__(message)
+        self.alert = ALERT_DECODE_ERROR if alert is None else alert
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,37 +284,26 @@ def _parse_server_name(data: bytes) -> str | None:
 
 
 def normalise_server_name(raw: bytes) -> str:
-    """Turn an SNI host name into the lower-case form used as a cache key.
+    """Turn an SNI host name into the one spelling Arcology compares.
+
+    The rules are those of :func:`arc.names.normalise_domain`; on top, an SNI
+    name must already be ASCII (RFC 6066 3: A-labels) and cannot be a
+    wildcard.
 
     Raises:
-        ClientHelloError: the name is empty, too long, not ASCII, or holds a
-            character that no DNS label may hold.
+        ClientHelloError: the name is not a domain a certificate could cover.
     """
-    try:
-        name = raw.decode("ascii").lower()
-    except UnicodeDecodeError:
+    if not raw.isascii() or raw.startswith(b"*"):
         raise ClientHelloError(
-            f"server_name: expected an ASCII host name (A-labels), got {raw[:64]!r}"
-        ) from None
-    # RFC 6066 3 forbids the trailing dot, but clients send it; it names the
-    # same domain.
-    if name.endswith("."):
-        name = name[:-1]
-    if not name or len(name) > MAX_NAME_CHARS:
-        raise ClientHelloError(
-            f"server_name: expected 1 to {MAX_NAME_CHARS} characters, got {len(name)}"
+            f"server_name: expected an ASCII domain without '*', got {raw[:64]!r}",
+            alert=ALERT_UNRECOGNIZED_NAME,
         )
-    for label in name.split("."):
-        if (
-            not label
-            or len(label) > MAX_LABEL_CHARS
-            or not _LABEL_CHARS.issuperset(label)
-        ):
-            raise ClientHelloError(
-                f"server_name: expected DNS labels of 1 to {MAX_LABEL_CHARS} "
-                f"letters, digits, '-' or '_', got {name[:64]!r}"
-            )
-    return name
+    try:
+        return normalise_domain(raw.decode("ascii"))
+    except BadInput as exc:
+        raise ClientHelloError(
+            f"server_name: {exc.message}", alert=ALERT_UNRECOGNIZED_NAME
+        ) from exc
 
 
 def _parse_alpn(data: bytes) -> tuple[str, ...]:
