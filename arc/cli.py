@@ -1,0 +1,116 @@
+"""The ``arcology`` command: ``arcology run [--config PATH] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from loguru import logger
+
+from arc.config import Config, load_config
+from arc.errors import ArcError
+from arc.logs import setup_logging
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+log = logger.bind(actor="arcology")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``arcology``."""
+    top = argparse.ArgumentParser(
+        prog="arcology", description="HTTPS for many domains, one server."
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="start Arcology in the foreground")
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="configuration file (default ./arcology.toml, else embedded defaults)",
+    )
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument(
+        "--log-level",
+        default=os.environ.get("ARCOLOGY_LOG_LEVEL", "INFO"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("--config", type=Path, default=None)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``arcology`` console script."""
+    args = parser().parse_args(argv)
+    setup_logging(
+        args.log_format if args.command == "run" else "text",
+        getattr(args, "log_level", "INFO"),
+    )
+    try:
+        config = load_config(args.config)
+    except ArcError as exc:
+        print(f"arcology: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(
+            f"{config.path or 'embedded defaults'}: ok ({len(config.services)} services)"
+        )
+        return EXIT_OK
+    return run(config)
+
+
+def run(config: Config) -> int:
+    """Run one Arcology process until SIGINT or SIGTERM; return the exit code."""
+    from arc.runtime import Runtime
+    from arc.system import core_actors
+
+    runtime = Runtime(config)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping signal={s}", s=signal.Signals(signum).name)
+        runtime.stopping.set()
+
+    def reload(_signum: int, _frame: FrameType | None) -> None:
+        log.info("reloading services signal=SIGHUP")
+        runtime.tell("Hyperion", "reload", {})
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, reload)
+
+    source = config.path or "embedded defaults"
+    log.info("starting config={c} data_dir={d}", c=source, d=config.arcology.data_dir)
+    try:
+        runtime.start(core_actors())
+    except ArcError as exc:
+        log.error("cannot start: {m}", m=exc.message)
+        runtime.stop()
+        return EXIT_FAILED
+    log.info("running actors={a} pid={p}", a=",".join(runtime.names()), p=os.getpid())
+
+    # The main thread only waits: signals land here, everything else runs
+    # in the actors' threads and the data plane loop.
+    while not runtime.stopping.wait(0.5):
+        pass
+    runtime.stop()
+    leftover = [
+        t.name for t in threading.enumerate() if t is not threading.main_thread()
+    ]
+    if leftover:
+        log.warning("threads still running at exit names={n}", n=",".join(leftover))
+    if runtime.failed:
+        log.error("stopped because an actor failed name={n}", n=runtime.failed)
+        return EXIT_FAILED
+    log.info("stopped")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The data plane: one asyncio loop, in its own thread, for bytes and HTTP.
+
+How this works: sockets, TLS records, HTTP parsing and ASGI applications all
+run on this loop (uvloop when it is installed), so a request or a handshake
+on a cached context never crosses a thread. Actors reach the loop with
+``submit`` (run a coroutine, get a ``concurrent.futures.Future``) and
+``call`` (run a plain function on the loop thread).
+
+Hyperion owns routing: it builds an immutable ``RoutingTable`` and swaps it
+in whole with ``install_routes``; connections read ``routes`` once per
+request, so a swap applies to the next request and never tears one. Plugin
+ports map straight to an ASGI application in ``port_apps``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from loguru import logger
+
+if TYPE_CHECKING:
+    from arc.config import Config
+    from arc.http.routing import RoutingTable
+
+T = TypeVar("T")
+ASGIApp = Callable[..., Any]
+
+STOP_TIMEOUT_S = 10.0
+log = logger.bind(actor="dataplane")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop where available, asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+class DataPlane:
+    """The event loop that carries every connection of this process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = new_event_loop()
+        self.port_apps: dict[int, ASGIApp] = {}
+        self._routes: RoutingTable | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="arc-dataplane", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start the loop thread."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self._drain()
+
+    def _drain(self) -> None:
+        # Cancel what is left so no task outlives the loop, then close it.
+        tasks = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    def stop(self) -> None:
+        """Stop the loop and wait for its thread to end."""
+        if not self._thread.is_alive():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=STOP_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.warning("data plane did not stop in time")
+
+    @property
+    def routes(self) -> RoutingTable:
+        """The routing table in force."""
+        if self._routes is None:
+            from arc.http.routing import RoutingTable
+
+            self._routes = RoutingTable.empty()
+        return self._routes
+
+    def install_routes(self, table: RoutingTable) -> None:
+        """Swap the whole routing table; safe from any thread."""
+        self._routes = table
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run a coroutine on the loop from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run a coroutine on the loop and wait for its result."""
+        return self.submit(coro).result(timeout)
+
+    def call(self, func: Callable[..., Any], *args: Any) -> None:
+        """Run a plain function on the loop thread, soon."""
+        self.loop.call_soon_threadsafe(func, *args)
+
+    def http_protocol_factory(
+        self, *, port: int, scheme: str, tls_domain: str | None
+    ) -> Callable[[], asyncio.Protocol]:
+        """What serves HTTP on one connection of ``port``."""
+        from arc.http.server import HttpProtocol
+
+        settings = self.config.arcology
+
+        def factory() -> asyncio.Protocol:
+            return HttpProtocol(
+                self, port=port, scheme=scheme, tls_domain=tls_domain, settings=settings
+            )
+
+        return factory
