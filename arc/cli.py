@@ -59,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"arcology: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
-        print(
-            f"{config.path or 'embedded defaults'}: ok ({len(config.services)} services)"
-        )
+        source = config.path or "embedded defaults"
+        print(f"{source}: ok ({len(config.services)} services)")
         return EXIT_OK
     return run(config)
 

@@ -271,7 +271,8 @@ class _Parser:
             ):
                 raise self.fail(
                     where,
-                    f'store must be "sqlite" or a "postgresql://..." URL (got {store!r})',
+                    'store must be "sqlite" or a "postgresql://..." URL '
+                    f"(got {store!r})",
                 )
             values["store"] = store
         if "tls_fallback" in raw:
