@@ -1,0 +1,160 @@
+"""Configuration: defaults, parsing, and refusals that name file, entry, field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arc.config import Config, load_config
+from arc.errors import ConfigError
+
+
+def parse(text: str, tmp_path: Path) -> Config:
+    path = tmp_path / "arcology.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_embedded_defaults_serve_localhost_on_8080_and_8443(tmp_path: Path) -> None:
+    config = Config.embedded(data_dir=tmp_path / "data")
+
+    (welcome,) = config.services
+    assert config.arcology.admin == ("127.0.0.1", 7399)
+    assert config.arcology.local_ca is True
+    assert (welcome.hosts, welcome.port, welcome.tls, welcome.tls_port) == (
+        ("localhost",),
+        8080,
+        "optional",
+        8443,
+    )
+    assert welcome.root is not None and (welcome.root / "index.html").is_file()
+    assert config.arcology.token_file == tmp_path / "data" / "admin.token"
+
+
+def test_a_full_file_is_read_with_paths_relative_to_its_folder(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "site").mkdir()
+
+    config = parse(
+        """
+        [arcology]
+        data_dir = "state"
+        admin = "127.0.0.1:7400"
+        tls_fallback = "Default.Example.COM."
+        bind = ["127.0.0.1"]
+
+        [[services]]
+        name = "shop"
+        hosts = ["Shop.Example.com", "*.shop.example.com"]
+        port = 8081
+        tls = "required"
+        tlsPort = 8444
+        root = "site"
+
+        [[services]]
+        name = "api"
+        hosts = ["api.example.com"]
+        tls = "optional"
+        app = "app:application"
+
+        [plugins.metrics]
+        listen = "127.0.0.1:9464"
+        """,
+        tmp_path,
+    )
+
+    shop, api = config.services
+    assert config.arcology.data_dir == tmp_path / "state"
+    assert config.arcology.admin == ("127.0.0.1", 7400)
+    assert config.arcology.tls_fallback == "default.example.com"
+    assert config.arcology.master_key_file == tmp_path / "state" / "master.key"
+    assert shop.hosts == ("shop.example.com", "*.shop.example.com")
+    assert (shop.port, shop.tls, shop.tls_port) == (8081, "required", 8444)
+    assert shop.root == tmp_path / "site"
+    assert (api.port, api.tls_port, api.app) == (None, 443, "app:application")
+    assert config.plugins == {"metrics": {"listen": "127.0.0.1:9464"}}
+    assert config.base_dir == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[[services]]\nname = "a"\nhosts = ["a.test"]\nport = 80\nroot = "."\n'
+            '[[services]]\nname = "b"\nhosts = ["b.test"]\nport = 81\nroot = "."\n'
+            '[[services]]\nname = "shop"\nhosts = ["s.test"]\ntls = "yes"\n'
+            'root = "."\n',
+            'arcology.toml: services[2] "shop": tls must be one of none, optional, '
+            'required (got "yes")',
+        ),
+        (
+            '[arcology]\ntls_fallbak = "x"\n',
+            'arcology.toml: [arcology]: unknown field "tls_fallbak"',
+        ),
+        (
+            '[arcology]\nadmin = "nowhere"\n',
+            'arcology.toml: [arcology]: admin must be "HOST:PORT" (got "nowhere")',
+        ),
+        (
+            '[arcology]\nadmin = "0.0.0.0:7399"\n',
+            "admin listens on 0.0.0.0, which is not loopback",
+        ),
+        (
+            '[[services]]\nname = "s"\nhosts = ["bad host"]\nport = 80\nroot = "."\n',
+            "hosts holds 'bad host', which is not a host name",
+        ),
+        (
+            '[[services]]\nname = "s"\nhosts = ["a.test"]\nport = 99999\nroot = "."\n',
+            'services[0] "s": port must be a port number 1-65535 (got 99999)',
+        ),
+        (
+            '[[services]]\nname = "s"\nhosts = ["a.test"]\nport = 80\n',
+            'services[0] "s": needs exactly one of root',
+        ),
+        (
+            '[[services]]\nname = "s"\nhosts = ["a.test"]\nroot = "."\n',
+            'needs a port (plain HTTP) when tls is "none"',
+        ),
+        (
+            "[arcology]\ncache_size = 0\n",
+            "cache_size must be an integer >= 1 (got 0)",
+        ),
+        (
+            '[arcology]\nstore = "mysql://x"\n',
+            'store must be "sqlite" or a "postgresql://..." URL (got \'mysql://x\')',
+        ),
+        ("not = [toml", "arcology.toml: not valid TOML"),
+    ],
+)
+def test_bad_files_are_refused_naming_file_entry_and_field(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, tmp_path)
+
+    assert message in caught.value.message
+
+
+def test_a_named_file_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_arcology_run_refuses_a_bad_file_before_starting(tmp_path: Path) -> None:
+    path = tmp_path / "arcology.toml"
+    path.write_text('[[services]]\nname = "shop"\nhosts = ["s.test"]\ntls = "yes"\n')
+
+    done = subprocess.run(
+        [sys.executable, "-m", "arc.cli", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2
+    assert 'tls must be one of none, optional, required (got "yes")' in done.stderr
+    assert not (tmp_path / "arc-data").exists()
