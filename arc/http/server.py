@@ -1,0 +1,655 @@
+"""HTTP/1.1 on one connection: framing, limits, routing, and the response.
+
+How this works: Esper makes one ``HttpProtocol`` per accepted connection
+(after the TLS handshake on TLS ports) on the data plane loop. Bytes go to an
+httptools (llhttp) parser whose callbacks build an ``Exchange`` per request
+when its headers are complete; body pieces are fed to that exchange as they
+arrive, so an application reads a chunked or large body as a stream.
+
+Order: requests may be pipelined, and answers leave in the order the requests
+came. One exchange is *active* (being answered); the ones whose headers came
+in behind it wait in ``_queue`` and reading pauses until the active one is
+done. An exchange is answered either inline (static files, redirects, errors:
+one write and done, no task) or by an ASGI application in a task; either way
+``finish`` moves on to the next.
+
+Routing, per request and in this order: a plugin port (``port_apps``) hands
+every request to its application; otherwise the Host header is looked up in
+the routing table in force (``dataplane.routes``, read per request):
+
+- no service has the host: 404;
+- over TLS, a host the certificate's domain (``tls_domain``) does not cover:
+  421 (RFC 9110 15.5.20), and a host whose services are all ``tls = "none"``:
+  421 too;
+- over plain HTTP, a ``tls = "required"`` service: 301 (GET, HEAD) or 308 to
+  ``https://HOST:tlsPort/PATH?QUERY``;
+- HTTPS answers carry ``Strict-Transport-Security`` from the settings.
+
+Limits (the peer broke HTTP: answer, then close, as ``PeerError`` says):
+16 KiB of request line and headers (431), a body over ``max_body_bytes``
+(413, seen from Content-Length before any byte of it, or while a chunked body
+streams), malformed framing (400), no complete headers within
+``header_timeout_s`` of the request's first byte or of the connection's start
+(408). A keep-alive connection idle for ``KEEP_ALIVE_IDLE_S`` between requests
+is closed without an answer.
+
+Timers: one timer per connection at most, re-armed lazily. Each request only
+moves ``_deadline``; when the timer fires it compares the clock with the
+deadline in force and either acts or re-arms itself. A busy keep-alive
+connection therefore costs no timer operation per request.
+
+Flow control: reading pauses while requests wait behind the active one and
+while more than ``BODY_HIGH_WATER_BYTES`` of body waits for the application;
+a streaming response waits for the transport to drain when it is paused.
+
+What it does not do yet: no WebSocket and no HTTP/2 (see the LIMITATION
+marks); an upload that stalls mid-body has no timeout of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Any, cast
+
+import httptools
+from loguru import logger
+
+from arc.http.asgi import ASGIApp, Exchange, date_header
+from arc.http.errors import error_body, status_line
+from arc.http.redirect import hsts_header, redirect_location, redirect_status
+from arc.http.routing import Route, covers, normalize_host
+from arc.http.static import CHUNK_BYTES, FileBody, StaticFiles, read_chunk
+
+if TYPE_CHECKING:
+    from arc.config import Settings
+
+# RFC 9110 gives no number; 16 KiB holds any sane request line and headers.
+MAX_HEADER_BYTES = 16 * 1024
+# Raw bytes seen before headers complete: the header limit plus one read
+# (a single header line the parser is still buffering also counts).
+RAW_HEAD_GUARD_BYTES = MAX_HEADER_BYTES + 64 * 1024
+# How long a keep-alive connection may sit idle between requests.
+KEEP_ALIVE_IDLE_S = 5.0
+# Request body waiting for the application before reading pauses.
+BODY_HIGH_WATER_BYTES = 256 * 1024
+
+# Idle states of the connection, for the one timer.
+_BUSY, _IDLE, _HEADERS = 0, 1, 2
+
+log = logger.bind(actor="hyperion")
+
+
+class _HeadersTooLarge(Exception):
+    """Raised from a parser callback when the head passes the limit."""
+
+
+class HttpProtocol(asyncio.Protocol):
+    """HTTP/1.1 for one connection; see the module docstring."""
+
+    def __init__(
+        self,
+        dataplane: Any,
+        *,
+        port: int,
+        scheme: str,
+        tls_domain: str | None,
+        settings: Settings,
+    ) -> None:
+        self.dataplane = dataplane
+        self.loop: asyncio.AbstractEventLoop = dataplane.loop
+        self.port = port
+        self.scheme = scheme
+        self.is_tls = scheme == "https"
+        self.tls_domain = tls_domain.lower() if tls_domain else None
+        self.max_body = settings.max_body_bytes
+        self.header_timeout = settings.header_timeout_s
+        hsts = hsts_header(settings.hsts) if self.is_tls else None
+        self.hsts = hsts[0] + b": " + hsts[1] + b"\r\n" if hsts else b""
+        self.access_log = settings.access_log
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
+        self.parser = httptools.HttpRequestParser(self)
+
+        # The request whose head is being parsed.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._raw_head = 0
+        # The exchange whose body is being parsed, the one being answered,
+        # and the ones waiting behind it.
+        self._parsing: Exchange | None = None
+        self._active: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
+        self._advancing = False
+        self._stop_parsing = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # The one timer: what the connection waits for, and until when.
+        self._waiting = _HEADERS
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    # -- transport callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the header clock: a client that sends nothing gets 408."""
+        # uvloop's transports are not asyncio.Transport subclasses; same API.
+        self.transport = cast(asyncio.Transport, transport)
+        self.server = _address(transport.get_extra_info("sockname"))
+        self.client = _address(transport.get_extra_info("peername"))
+        self._deadline = self.loop.time() + self.header_timeout
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser; its callbacks do the work."""
+        if self._stop_parsing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # LIMITATION: no WebSocket or h2c upgrade; the request is answered
+            # as plain HTTP/1.1 and the connection closes after it, because
+            # the bytes after an Upgrade head are not parsed.
+            self._stop_reading()
+            ex = self._parsing
+            if ex is not None:
+                ex.keep_alive = False
+                ex.end_body()
+                self._parsing = None
+        except httptools.HttpParserError as exc:
+            too_large = isinstance(exc.__context__, _HeadersTooLarge)
+            self._peer_error(431 if too_large else 400)
+            return
+        if self._waiting == _HEADERS and not self._stop_parsing:
+            self._raw_head += len(data)
+            if self._raw_head > RAW_HEAD_GUARD_BYTES:
+                self._peer_error(431)
+
+    def eof_received(self) -> bool | None:
+        """The client finished sending: answer what came, then close."""
+        if self._active is None and not self._queue:
+            return None
+        for ex in (self._active, *self._queue):
+            if ex is not None:
+                ex.keep_alive = False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Tell every exchange the client is gone; stop the timer."""
+        self.closed = True
+        self._stop_parsing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for ex in (self._active, self._parsing, *self._queue):
+            if ex is not None:
+                ex.lost()
+        self._queue.clear()
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        """The transport buffer is high: streaming responses wait."""
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        """The transport buffer drained."""
+        self._write_paused = False
+        self._wake_drain()
+
+    # -- parser callbacks (httptools) ---------------------------------------
+
+    def on_message_begin(self) -> None:
+        """A request starts: its head must be complete within the timeout."""
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._raw_head = 0
+        self._waiting = _HEADERS
+        self._deadline = self.loop.time() + self.header_timeout
+        if self._timer is None:
+            self._arm_timer()
+
+    def on_url(self, url: bytes) -> None:
+        """A piece of the request target."""
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEADER_BYTES:
+            raise _HeadersTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header line, complete."""
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEADER_BYTES:
+            raise _HeadersTooLarge
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        """Make the exchange; answer it now or queue it behind the active one."""
+        self._waiting = _BUSY
+        if self._stop_parsing:
+            return
+        parser = self.parser
+        url = self._url
+        host = b""
+        length = -1
+        for name, value in self._headers:
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = self.max_body + 1
+
+        # The target: origin-form is the common case; absolute-form names
+        # the host itself and wins over the Host header (RFC 9112 3.2.2).
+        if url[:1] == b"/":
+            q = url.find(b"?")
+            raw_path, query = (url, b"") if q < 0 else (url[:q], url[q + 1 :])
+        elif url == b"*":
+            raw_path, query = url, b""
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raw_path, query = b"", b""
+            else:
+                raw_path = parsed.path or b"/"
+                query = parsed.query or b""
+                if parsed.host:
+                    host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        version = parser.get_http_version()
+        ex = Exchange(
+            self,
+            parser.get_method().decode("ascii"),
+            raw_path,
+            query,
+            self._headers,
+            host.decode("latin-1"),
+            version,
+            parser.should_keep_alive(),
+        )
+
+        # Requests that are refused before any byte of their body.
+        if not raw_path:
+            ex.error = 400
+        elif not host and version == "1.1":
+            ex.error = 400  # RFC 9112 3.2: a 1.1 request without Host
+        elif length > self.max_body:
+            ex.error = 413
+        if ex.error:
+            ex.keep_alive = False
+            self._stop_reading()
+        self._parsing = ex
+        if self._active is None and not self._queue:
+            self._start(ex)
+        else:
+            self._queue.append(ex)
+            self._pause()
+
+    def on_body(self, body: bytes) -> None:
+        """A piece of the body: count it against the limit, hand it over."""
+        ex = self._parsing
+        if ex is None:
+            return
+        ex.body_size += len(body)
+        if ex.body_size > self.max_body:
+            self._body_error(ex, 413)
+            return
+        if ex.finished or ex.error:
+            return
+        ex.feed_body(body)
+        if ex.body_buffered > BODY_HIGH_WATER_BYTES:
+            self._pause()
+
+    def on_message_complete(self) -> None:
+        """The body ended; between requests, the idle clock runs."""
+        ex = self._parsing
+        self._parsing = None
+        if ex is not None:
+            ex.end_body()
+            if not ex.keep_alive:
+                self._stop_reading()
+        if self._active is None and not self._queue:
+            self._enter_idle()
+
+    # -- answering -----------------------------------------------------------
+
+    def _start(self, ex: Exchange) -> None:
+        # Decide who answers: plugin port, then the routing table.
+        self._active = ex
+        ex.started_at = self.loop.time()
+        if ex.error:
+            self._error(ex, ex.error)
+            return
+        port_apps = self.dataplane.port_apps
+        if port_apps:
+            app = port_apps.get(self.port)
+            if app is not None:
+                self._run_app(ex, app, None)
+                return
+
+        # Host routing: exact, then the wildcard one label up.
+        host = normalize_host(ex.host)
+        routes = self.dataplane.routes.routes_for(host)
+        if not routes:
+            self._error(ex, 404)
+            return
+        port = self.port
+        route: Route | None = None
+        if self.is_tls:
+            if self.tls_domain is not None and not covers(self.tls_domain, host):
+                self._error(ex, 421)
+                return
+            for candidate in routes:
+                if port in candidate.tls_ports:
+                    route = candidate
+                    break
+            if route is None:
+                none_only = all(r.service.tls == "none" for r in routes)
+                self._error(ex, 421 if none_only else 404)
+                return
+            ex.extra_headers = self.hsts
+        else:
+            for candidate in routes:
+                if port in candidate.plain_ports:
+                    route = candidate
+                    break
+            if route is None:
+                self._error(ex, 404)
+                return
+            if route.service.tls == "required":
+                target = ex.raw_path + (b"?" + ex.query if ex.query else b"")
+                location = redirect_location(host, route.service.tls_port, target)
+                self._simple(
+                    ex,
+                    redirect_status(ex.method),
+                    b"location: " + location + b"\r\n",
+                    b"",
+                )
+                return
+
+        # The service answers: static files inline, applications in a task.
+        if route.app is not None:
+            self._run_app(ex, route.app, route.state)
+        elif route.static is not None:
+            self._serve_static(ex, route.static)
+        else:
+            self._error(ex, 404)
+
+    def _run_app(
+        self, ex: Exchange, app: ASGIApp, state: dict[str, Any] | None
+    ) -> None:
+        scope = ex.scope(self.server, self.client, self.scheme, state)
+        ex.task = self.loop.create_task(ex.run(app, scope))
+
+    def _serve_static(self, ex: Exchange, static: StaticFiles) -> None:
+        answer = static.respond(ex.method, ex.raw_path, ex.query, dict(ex.headers))
+        extra = b"".join(
+            name + b": " + value + b"\r\n" for name, value in answer.headers
+        )
+        body = answer.body
+        if isinstance(body, FileBody):
+            ex.status = answer.status
+            ex.response_started = True
+            head = self._head(ex, answer.status, extra, body.length)
+            if ex.method == "HEAD":
+                self.write(head)
+                self.finish(ex)
+                return
+            ex.task = self.loop.create_task(self._stream_file(ex, head, body))
+            return
+        self._simple(ex, answer.status, extra, body)
+
+    async def _stream_file(self, ex: Exchange, head: bytes, body: FileBody) -> None:
+        # Large files: read in a worker thread, one chunk ahead of the socket.
+        self.write(head)
+        offset, remaining = body.offset, body.length
+        try:
+            while remaining > 0 and not self.closed:
+                want = min(CHUNK_BYTES, remaining)
+                chunk = await self.loop.run_in_executor(
+                    None, read_chunk, body.path, offset, want
+                )
+                if not chunk:
+                    break
+                self.write(chunk)
+                ex.sent_bytes += len(chunk)
+                offset += len(chunk)
+                remaining -= len(chunk)
+                await self.drain()
+        except OSError as exc:
+            log.warning("static file read failed path={} error={!r}", body.path, exc)
+        finally:
+            if remaining > 0:
+                ex.keep_alive = False
+            ex.response_done = True
+            self.finish(ex)
+
+    def _head(self, ex: Exchange, status: int, extra: bytes, length: int) -> bytes:
+        if ex.keep_alive:
+            conn = b"connection: keep-alive\r\n" if ex.http_version == "1.0" else b""
+        else:
+            conn = b"connection: close\r\n"
+        return b"".join(
+            (
+                status_line(status),
+                extra,
+                ex.extra_headers,
+                b"content-length: %d\r\n" % length,
+                conn,
+                date_header(),
+                b"\r\n",
+            )
+        )
+
+    def _simple(self, ex: Exchange, status: int, extra: bytes, body: bytes) -> None:
+        # One write and done: the common inline answer.
+        ex.status = status
+        ex.response_started = True
+        ex.response_done = True
+        head = self._head(ex, status, extra, len(body))
+        if ex.method == "HEAD" or not body:
+            self.write(head)
+        else:
+            self.write(head + body)
+            ex.sent_bytes = len(body)
+        self.finish(ex)
+
+    def _error(self, ex: Exchange, status: int) -> None:
+        # Errors of the peer close the connection; routing misses keep it.
+        if ex.error:
+            ex.keep_alive = False
+        self._simple(
+            ex,
+            status,
+            b"content-type: text/plain; charset=utf-8\r\n",
+            error_body(status),
+        )
+
+    # -- the Connection interface of an exchange -----------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write to the client unless the connection is gone."""
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's buffer is above its high mark."""
+        if not self._write_paused or self.closed:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiter = waiter
+        await waiter
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def finish(self, ex: Exchange) -> None:
+        """The exchange is answered: log it, then close or take the next."""
+        if ex.finished:
+            return
+        ex.finished = True
+        ex.ended()
+        if self._active is ex:
+            self._active = None
+        if self.access_log:
+            self._log_access(ex)
+        if not ex.keep_alive or not ex.complete_length or self.closed:
+            self._close()
+            return
+        if not self._advancing:
+            self._advance()
+
+    def body_consumed(self) -> None:
+        """The application took the buffered body: reading may go on."""
+        if self._reading_paused:
+            self._maybe_resume()
+
+    def abort(self) -> None:
+        """Close after what was written so far."""
+        self._close()
+
+    # -- sequencing ---------------------------------------------------------
+
+    def _advance(self) -> None:
+        # Answer the queued requests in order; inline answers finish at once.
+        self._advancing = True
+        try:
+            while self._active is None and self._queue and not self.closed:
+                self._start(self._queue.popleft())
+        finally:
+            self._advancing = False
+        if self._active is None and not self._queue and not self.closed:
+            if self._parsing is None and self._waiting == _BUSY:
+                self._enter_idle()
+            self._maybe_resume()
+
+    def _enter_idle(self) -> None:
+        self._waiting = _IDLE
+        self._deadline = self.loop.time() + KEEP_ALIVE_IDLE_S
+        if self._timer is None:
+            self._arm_timer()
+
+    def _pause(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if not self._reading_paused or self.closed or self._stop_parsing:
+            return
+        if self._queue:
+            return
+        parsing = self._parsing
+        if parsing is not None and parsing.body_buffered > BODY_HIGH_WATER_BYTES:
+            return
+        self._reading_paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def _stop_reading(self) -> None:
+        self._stop_parsing = True
+        self._pause()
+
+    def _close(self) -> None:
+        self._stop_parsing = True
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    # -- errors of the peer --------------------------------------------------
+
+    def _peer_error(self, status: int) -> None:
+        # Framing is lost: answer after what is in flight, then close.
+        ex = self._parsing
+        if ex is not None:
+            self._body_error(ex, status)
+            return
+        self._stop_reading()
+        ex = Exchange(self, "GET", b"", b"", [], "", "1.1", False)
+        ex.error = status
+        if self._active is None and not self._queue:
+            self._start(ex)
+        else:
+            self._queue.append(ex)
+
+    def _body_error(self, ex: Exchange, status: int) -> None:
+        # A body over the limit or malformed mid-way: refuse it, then close.
+        self._stop_reading()
+        self._parsing = None
+        ex.keep_alive = False
+        if self._active is not ex:
+            ex.error = ex.error or status
+            ex.end_body()
+            return
+        if not ex.response_started and not ex.response_done:
+            body = error_body(status)
+            ex.status = status
+            ex.response_started = True
+            ex.response_done = True
+            ex.sent_bytes = len(body)
+            self.write(self._head(ex, status, b"", len(body)) + body)
+        ex.lost()
+        if ex.task is None:
+            self.finish(ex)
+
+    # -- the timer -----------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        self._timer_at = self._deadline
+        self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed or self._waiting == _BUSY:
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._arm_timer()
+            return
+        if self._waiting == _IDLE:
+            log.debug("keep-alive connection idle, closing client={}", self.client)
+            self._close()
+            return
+        if self._active is not None or self._queue:
+            # Headers of a pipelined request are late behind a slow answer.
+            self._deadline = now + self.header_timeout
+            self._arm_timer()
+            return
+        log.debug("request head too slow client={}", self.client)
+        self._stop_reading()
+        ex = Exchange(self, "GET", b"", b"", [], "", "1.1", False)
+        ex.error = 408
+        self._start(ex)
+
+    # -- access log ----------------------------------------------------------
+
+    def _log_access(self, ex: Exchange) -> None:
+        ms = (self.loop.time() - ex.started_at) * 1000.0
+        log.info(
+            "access method={} host={} path={} status={} bytes={} ms={:.2f} scheme={}",
+            ex.method,
+            ex.host or "-",
+            ex.raw_path.decode("latin-1") or "-",
+            ex.status,
+            ex.sent_bytes,
+            ms,
+            self.scheme,
+        )
+
+
+def _address(value: Any) -> tuple[str, int] | None:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return (str(value[0]), int(value[1]))
+    return None
