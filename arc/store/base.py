@@ -66,6 +66,7 @@ class StoredCertificate:
     subject: str
     key_type: str
     chain_length: int
+    reordered: bool
     stored_at: dt.datetime
 
     def __repr__(self) -> str:
@@ -100,6 +101,10 @@ class Backend(Protocol):
 
     def list(self) -> Summaries:
         """One summary per domain, sorted by domain (no keys)."""
+        ...
+
+    def domains_of(self, fingerprint: str) -> Domains:
+        """The domains pointing at the certificate ``fingerprint``, sorted."""
         ...
 
     def changes_since(self, seq: int, limit: int = 1000) -> Changes:
@@ -143,6 +148,10 @@ class Store(Protocol):
 
     def list(self) -> Summaries:
         """One summary per domain, sorted by domain."""
+        ...
+
+    def domains_of(self, fingerprint: str) -> Domains:
+        """The domains pointing at the certificate ``fingerprint``, sorted."""
         ...
 
     def changes_since(self, seq: int, limit: int = 1000) -> Changes:

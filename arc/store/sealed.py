@@ -58,6 +58,7 @@ class SealedStore:
             subject=record.subject,
             key_type=record.key_type,
             chain_length=record.chain_length,
+            reordered=record.reordered,
             stored_at=record.stored_at,
         )
 
@@ -85,6 +86,10 @@ class SealedStore:
     def list(self) -> Summaries:
         """One summary per domain, sorted by domain."""
         return self.backend.list()
+
+    def domains_of(self, fingerprint: str) -> Domains:
+        """The domains pointing at the certificate ``fingerprint``, sorted."""
+        return self.backend.domains_of(fingerprint)
 
     def changes_since(self, seq: int, limit: int = 1000) -> Changes:
         """Changes after ``seq`` as (seq, domain), oldest first."""

@@ -218,6 +218,15 @@ class SqliteBackend:
             for row in rows
         ]
 
+    def domains_of(self, fingerprint: str) -> Domains:
+        """The domains pointing at the certificate ``fingerprint``, sorted."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT domain FROM domains WHERE fingerprint = ? ORDER BY domain",
+                (fingerprint,),
+            ).fetchall()
+        return [str(row[0]) for row in rows]
+
     def changes_since(self, seq: int, limit: int = 1000) -> Changes:
         """Changes after ``seq`` as (seq, domain), oldest first."""
         with self._lock:

@@ -1,0 +1,334 @@
+"""Cryptosaur: the certificate store's actor.
+
+How this works: Cryptosaur opens the store named by the configuration
+(``arc.store.open_store``) in ``on_start`` and is the only actor that talks to
+it. Uploads are checked by ``arc.bundle.parse_bundle`` before anything is
+written, so a refused upload changes nothing; an accepted one replaces every
+domain of the bundle in one transaction. After every commit (upload or
+delete) it announces ``Cryptosaur.certificateChanged {"domains": [...]}`` so
+that Esper drops the contexts it built from the old chain.
+
+Verbs (payloads are msgpack maps; datetimes are ISO 8601 UTC strings):
+
+- ``setCertificate {bundle, domains?, passphrase?}`` -> summary, with
+  ``replaced`` (the fingerprint the first domain had, or of any replaced
+  certificate, else None) and ``replaced_fingerprints`` (all of them).
+- ``getCertificate {domain}`` -> ``{domain, chain_pem, key_pem, fingerprint,
+  not_after}``: the exact domain, else the wildcard one label up; ``domain``
+  is the one that matched. For actors in this process only: AI1 refuses to
+  forward it, so a private key never leaves the process.
+- ``deleteCertificate {domain}`` -> ``{deleted: [domains]}``: the certificate
+  stored for exactly that domain, with every domain that points at it.
+- ``listCertificates {}`` -> one summary per domain, with ``days_left``.
+- ``showCertificate {domain}`` -> the summary of the certificate serving the
+  domain (exact then wildcard) and its ``chain`` as ``[{subject, issuer,
+  not_after}]``; never the key.
+- ``checkExpiry {}`` -> the certificates within ``expiry_warning_days`` of
+  their end, each also logged as a WARNING. It runs at start and once a day.
+- ``pollChanges {}`` -> the domains another process changed since the last
+  poll, which are announced like local changes. A ticker thread sends it
+  every ``CHANGE_POLL_S`` so that processes sharing one SQLite store follow
+  each other's uploads.
+
+Every summary: ``domain, domains, fingerprint, not_before, not_after,
+issuer, subject, key_type, chain_length, reordered, days_left``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from typing import Any
+
+import pykka
+from cryptography import x509
+
+from arc.actor import Actor, Envelope, verb
+from arc.bundle import days_left, iso_utc, parse_bundle
+from arc.config import Config
+from arc.errors import BadInput, NotFound
+from arc.messages import encode_request
+from arc.names import candidates, normalise_domain
+from arc.runtime import Runtime
+from arc.store import Store, lookup, open_store
+
+CHANGED = "Cryptosaur.certificateChanged"
+# Other processes' uploads are noticed within this long; a poll is one
+# indexed query.
+CHANGE_POLL_S = 1.0
+EXPIRY_CHECK_INTERVAL_S = 86_400.0
+# A store where thousands expire at once gets this many WARNING lines and a
+# count, not thousands of lines.
+MAX_EXPIRY_LINES = 50
+# Changes read per poll; more are read on the next tick.
+POLL_BATCH = 1000
+
+
+class Cryptosaur(Actor):
+    """Owns the certificate store: takes bundles, gives chains and keys."""
+
+    name = "Cryptosaur"
+
+    def __init__(self, runtime: Runtime, config: Config) -> None:
+        super().__init__(runtime, config)
+        self.store: Store | None = None
+        self._seen_seq = 0
+        self._own_seqs: set[int] = set()
+        self._stopping = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    # -- life -------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        """Open the store, warn about expiring certificates, start the ticker."""
+        settings = self.config.arcology
+        self.store = open_store(settings)
+        self._seen_seq = self.store.current_seq()
+        self.log.debug(
+            "store opened kind={k} data_dir={d} seq={s}",
+            k=settings.store,
+            d=settings.data_dir,
+            s=self._seen_seq,
+        )
+        self.check_expiry(None)
+        self._ticker = threading.Thread(
+            target=self._tick, name="cryptosaur-ticker", daemon=True
+        )
+        self._ticker.start()
+
+    def on_stop(self) -> None:
+        """Stop the ticker and close the store."""
+        self._stopping.set()
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join(timeout=5.0)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _tick(self) -> None:
+        # Runs in its own thread and only sends messages: the store is used
+        # by the actor's thread alone.
+        next_expiry = time.monotonic() + EXPIRY_CHECK_INTERVAL_S
+        while not self._stopping.wait(CHANGE_POLL_S):
+            self._tell_self("pollChanges")
+            if time.monotonic() >= next_expiry:
+                next_expiry += EXPIRY_CHECK_INTERVAL_S
+                self._tell_self("checkExpiry")
+
+    def _tell_self(self, action: str) -> None:
+        try:
+            self.actor_ref.tell(Envelope(encode_request(f"{self.name}.{action}", {})))
+        except pykka.ActorDeadError:
+            self._stopping.set()
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise NotFound("Cryptosaur: the certificate store is not open")
+        return self.store
+
+    # -- verbs ------------------------------------------------------------------
+
+    @verb("setCertificate")
+    def set_certificate(self, payload: Any) -> Any:
+        """Check a bundle, store it for its domains, announce the change."""
+        fields = _fields(payload, "setCertificate", {"bundle", "domains", "passphrase"})
+        data = fields.get("bundle")
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, bytes):
+            raise BadInput(
+                "setCertificate: 'bundle' must be the PEM bytes of the bundle "
+                f"(got {type(data).__name__})"
+            )
+        domains = fields.get("domains")
+        if domains is not None and (
+            not isinstance(domains, list)
+            or not domains
+            or not all(isinstance(d, str) for d in domains)
+        ):
+            raise BadInput(
+                "setCertificate: 'domains' must be a non-empty list of strings"
+            )
+        passphrase = fields.get("passphrase")
+        if isinstance(passphrase, str):
+            passphrase = passphrase.encode("utf-8")
+        if passphrase is not None and not isinstance(passphrase, bytes):
+            raise BadInput("setCertificate: 'passphrase' must be a string or bytes")
+
+        # Every check happens before the one write; a refusal stores nothing.
+        bundle = parse_bundle(data, domains=domains, passphrase=passphrase)
+        seq, replaced = self._store().put(bundle)
+        self._own_seqs.update(range(seq - len(bundle.domains) + 1, seq + 1))
+        self.runtime.announce(CHANGED, {"domains": list(bundle.domains)})
+
+        self.log.info(
+            "certificate installed domains={d} fingerprint={f} not_after={n} "
+            "key_type={k} replaced={r}",
+            d=",".join(bundle.domains),
+            f=bundle.fingerprint,
+            n=iso_utc(bundle.not_after),
+            k=bundle.key_type,
+            r=",".join(replaced) or "none",
+        )
+        summary = bundle.summary()
+        summary["replaced"] = replaced[0] if replaced else None
+        summary["replaced_fingerprints"] = replaced
+        return summary
+
+    @verb("getCertificate")
+    def get_certificate(self, payload: Any) -> Any:
+        """The chain and key for a domain: exact, then the wildcard one up."""
+        name = _domain_field(payload, "getCertificate")
+        found = lookup(self._store(), name)
+        if found is None:
+            raise NotFound(
+                f"no certificate for {name} (looked for {', '.join(candidates(name))})"
+            )
+        return {
+            "domain": found.domain,
+            "chain_pem": found.chain_pem,
+            "key_pem": found.key_pem,
+            "fingerprint": found.fingerprint,
+            "not_after": iso_utc(found.not_after),
+        }
+
+    @verb("deleteCertificate")
+    def delete_certificate(self, payload: Any) -> Any:
+        """Delete the certificate stored for exactly a domain, with its domains."""
+        domain = normalise_domain(_domain_field(payload, "deleteCertificate"))
+        store = self._store()
+        before = store.current_seq()
+        deleted = store.delete(domain)
+        if not deleted:
+            raise NotFound(f"no certificate stored for {domain}")
+        after = store.current_seq()
+        if after - before == len(deleted):
+            # No other process wrote in between: these changes are ours.
+            self._own_seqs.update(range(before + 1, after + 1))
+        self.runtime.announce(CHANGED, {"domains": deleted})
+        self.log.info("certificate deleted domains={d}", d=",".join(deleted))
+        return {"deleted": deleted}
+
+    @verb("listCertificates")
+    def list_certificates(self, payload: Any) -> Any:
+        """Every stored domain's summary, with days left."""
+        _fields(payload, "listCertificates", set())
+        now = dt.datetime.now(dt.UTC)
+        rows = self._store().list()
+        for row in rows:
+            row["days_left"] = days_left(
+                dt.datetime.fromisoformat(row["not_after"]), now
+            )
+        return rows
+
+    @verb("showCertificate")
+    def show_certificate(self, payload: Any) -> Any:
+        """The summary and chain of the certificate serving a domain; no key."""
+        name = _domain_field(payload, "showCertificate")
+        store = self._store()
+        found = lookup(store, name)
+        if found is None:
+            raise NotFound(
+                f"no certificate for {name} (looked for {', '.join(candidates(name))})"
+            )
+        chain = x509.load_pem_x509_certificates(found.chain_pem)
+        result = {
+            "domain": found.domain,
+            "domains": store.domains_of(found.fingerprint),
+            "fingerprint": found.fingerprint,
+            "not_before": iso_utc(found.not_before),
+            "not_after": iso_utc(found.not_after),
+            "issuer": found.issuer,
+            "subject": found.subject,
+            "key_type": found.key_type,
+            "chain_length": found.chain_length,
+            "reordered": found.reordered,
+            "days_left": days_left(found.not_after),
+            "stored_at": iso_utc(found.stored_at),
+            "chain": [
+                {
+                    "subject": cert.subject.rfc4514_string(),
+                    "issuer": cert.issuer.rfc4514_string(),
+                    "not_after": iso_utc(cert.not_valid_after_utc),
+                }
+                for cert in chain
+            ],
+        }
+        return result
+
+    @verb("checkExpiry")
+    def check_expiry(self, payload: Any) -> Any:
+        """Log a WARNING per certificate near its end; return them."""
+        warning_days = self.config.arcology.expiry_warning_days
+        now = dt.datetime.now(dt.UTC)
+        expiring: dict[str, dict[str, Any]] = {}
+        for row in self._store().list():
+            left = days_left(dt.datetime.fromisoformat(row["not_after"]), now)
+            if left < warning_days and row["fingerprint"] not in expiring:
+                expiring[row["fingerprint"]] = {
+                    "domains": row["domains"],
+                    "fingerprint": row["fingerprint"],
+                    "not_after": row["not_after"],
+                    "days_left": left,
+                }
+        found = sorted(expiring.values(), key=lambda item: item["days_left"])
+        for item in found[:MAX_EXPIRY_LINES]:
+            state = "expired" if item["days_left"] < 0 else "expires soon"
+            self.log.warning(
+                "certificate {state} domains={d} not_after={n} days_left={l} "
+                "fingerprint={f}",
+                state=state,
+                d=",".join(item["domains"]),
+                n=item["not_after"],
+                l=item["days_left"],
+                f=item["fingerprint"],
+            )
+        if len(found) > MAX_EXPIRY_LINES:
+            self.log.warning(
+                "more certificates expire soon count={c} shown={s}",
+                c=len(found),
+                s=MAX_EXPIRY_LINES,
+            )
+        return found
+
+    @verb("pollChanges")
+    def poll_changes(self, payload: Any) -> Any:
+        """Announce what other processes changed in the shared store."""
+        changes = self._store().changes_since(self._seen_seq, POLL_BATCH)
+        foreign: list[str] = []
+        for seq, domain in changes:
+            self._seen_seq = seq
+            if seq in self._own_seqs:
+                self._own_seqs.discard(seq)
+            elif domain not in foreign:
+                foreign.append(domain)
+        if foreign:
+            self.log.debug(
+                "changes from another process domains={d}", d=",".join(foreign)
+            )
+            self.runtime.announce(CHANGED, {"domains": foreign})
+        return {"domains": foreign}
+
+
+def _fields(payload: Any, verb_name: str, allowed: set[str]) -> dict[str, Any]:
+    """The payload as a map, refusing other shapes and unknown fields."""
+    if payload is None:
+        return {}
+    if not isinstance(payload, dict):
+        raise BadInput(
+            f"{verb_name}: payload must be a map (got {type(payload).__name__})"
+        )
+    unknown = set(payload) - allowed
+    if unknown:
+        raise BadInput(
+            f"{verb_name}: unknown field(s) {', '.join(sorted(map(str, unknown)))}"
+        )
+    return payload
+
+
+def _domain_field(payload: Any, verb_name: str) -> str:
+    domain = _fields(payload, verb_name, {"domain"}).get("domain")
+    if not isinstance(domain, str):
+        raise BadInput(f"{verb_name}: 'domain' must be a string (got {domain!r})")
+    return domain
