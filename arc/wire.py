@@ -35,7 +35,7 @@ with ``MAX_ANSWER_BYTES``.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -152,21 +152,26 @@ class FrameDecoder(Generic[T]):
         self._max = max_frame_bytes
         self._what = what
         self._buffer = bytearray()
+        self._pos = 0  # start of the unread bytes in the buffer
         self._need: int | None = None  # body length once the header is read
         self._failed: str | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet make a whole frame."""
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     @property
     def at_boundary(self) -> bool:
         """True when no partial frame is held (the stream may end here)."""
-        return not self._buffer and self._need is None
+        return self.buffered == 0 and self._need is None
 
-    def feed(self, data: bytes) -> list[T]:
-        """Add received bytes; return every message they complete, in order.
+    def feed(self, data: bytes) -> Iterator[T]:
+        """Add received bytes; yield every message they complete, in order.
+
+        The messages before a bad frame are yielded first, then ``BadInput``
+        is raised where the bad frame starts. Iterate to the end (or to the
+        error): bytes are consumed only as the iteration reaches them.
 
         Raises:
             BadInput: a length over the limit, bytes that are not msgpack, or a
@@ -174,46 +179,53 @@ class FrameDecoder(Generic[T]):
         """
         if self._failed is not None:
             raise BadInput(f"{self._what}: stream already refused ({self._failed})")
+        self._buffer += data
         try:
-            return self._feed(data)
+            while (message := self._next()) is not None:
+                yield message[0]
         except BadInput as exc:
             self._failed = exc.message
             self._buffer.clear()
+            self._pos = 0
             raise
+        finally:
+            # Drop consumed bytes once per feed, not once per frame: many
+            # small frames in one read must not cost a copy each.
+            del self._buffer[: self._pos]
+            self._pos = 0
 
-    def _feed(self, data: bytes) -> list[T]:
-        """Decode as many frames as the buffer now holds."""
-        self._buffer += data
-        out: list[T] = []
-        pos = 0
-        buffer = self._buffer
-        while True:
-            # Header: refuse an oversized frame before holding any of its body.
-            if self._need is None:
-                if len(buffer) - pos < HEADER_BYTES:
-                    break
-                (length,) = HEADER.unpack_from(buffer, pos)
-                pos += HEADER_BYTES
-                if length > self._max:
-                    raise BadInput(
-                        f"{self._what}: frame of {length} bytes is over the "
-                        f"limit of {self._max}"
-                    )
-                if length == 0:
-                    raise BadInput(
-                        f"{self._what}: empty frame (length 0), expected one message"
-                    )
-                self._need = length
+    def _next(self) -> tuple[T] | None:
+        """Decode one frame from the buffer, or None if none is complete."""
+        buffer, pos = self._buffer, self._pos
 
-            # Body: decode and check the shape once it is complete.
-            if len(buffer) - pos < self._need:
-                break
-            body = bytes(buffer[pos : pos + self._need])
-            pos += self._need
-            self._need = None
-            out.append(self._parse(_unpack(body, self._what)))
-        del buffer[:pos]
-        return out
+        # Header: refuse an oversized frame before holding any of its body.
+        if self._need is None:
+            if len(buffer) - pos < HEADER_BYTES:
+                return None
+            (length,) = HEADER.unpack_from(buffer, pos)
+            self._pos = pos = pos + HEADER_BYTES
+            if length > self._max:
+                raise BadInput(
+                    f"{self._what}: frame of {length} bytes is over the "
+                    f"limit of {self._max}"
+                )
+            if length == 0:
+                raise BadInput(
+                    f"{self._what}: empty frame (length 0), expected one message"
+                )
+            self._need = length
+
+        # Body: decode and check the shape once it is complete.
+        if len(buffer) - pos < self._need:
+            return None
+        body = bytes(buffer[pos : pos + self._need])
+        self._pos = pos + self._need
+        self._need = None
+        return (self._parse(_unpack(body, self._what)),)
+
+    def feed_all(self, data: bytes) -> list[T]:
+        """``feed`` collected in a list (all or nothing: raises on a bad frame)."""
+        return list(self.feed(data))
 
 
 def request_decoder(max_frame_bytes: int = MAX_MESSAGE_BYTES) -> FrameDecoder[Message]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 import msgpack
@@ -50,7 +51,7 @@ def feed_in_pieces(
     out: list[Any] = []
     start = 0
     for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
-        out += decoder.feed(data[start:cut])
+        out += decoder.feed_all(data[start:cut])
         start = cut
     return out
 
@@ -93,7 +94,7 @@ def test_framed_values_of_any_shape_never_raise_anything_but_bad_input(
     decoder = request_decoder()
 
     try:
-        decoder.feed(data)
+        decoder.feed_all(data)
     except BadInput as exc:
         assert exc.message.startswith(("request:", "message:"))
 
@@ -116,7 +117,9 @@ def test_answers_survive_a_round_trip(
 def test_an_error_answer_carries_its_kind_and_message() -> None:
     decoder = answer_decoder()
 
-    (answer,) = decoder.feed(error_frame(4, NotFound("domain: a.example not found")))
+    (answer,) = decoder.feed_all(
+        error_frame(4, NotFound("domain: a.example not found"))
+    )
 
     assert answer.reply == 4
     assert isinstance(answer.error, NotFound)
@@ -128,9 +131,9 @@ def test_an_oversized_length_is_refused_as_soon_as_its_four_bytes_arrive() -> No
     decoder = request_decoder()
     header = struct.pack(">I", MAX_MESSAGE_BYTES + 1)
 
-    assert decoder.feed(header[:3]) == []
+    assert decoder.feed_all(header[:3]) == []
     with pytest.raises(BadInput, match=r"frame of 2097153 bytes is over the limit"):
-        decoder.feed(header[3:])
+        decoder.feed_all(header[3:])
 
     assert decoder.buffered == 0
 
@@ -142,66 +145,81 @@ def test_a_frame_of_exactly_the_limit_is_accepted() -> None:
     assert len(body) == MAX_MESSAGE_BYTES
     decoder = request_decoder()
 
-    (message,) = decoder.feed(frame(body))
+    (message,) = decoder.feed_all(frame(body))
 
     assert message.payload == payload
 
 
 def test_an_empty_frame_is_refused() -> None:
     with pytest.raises(BadInput, match="empty frame"):
-        request_decoder().feed(b"\x00\x00\x00\x00")
+        request_decoder().feed_all(b"\x00\x00\x00\x00")
 
 
 def test_malformed_msgpack_is_refused_naming_it() -> None:
     with pytest.raises(BadInput, match="not valid msgpack"):
-        request_decoder().feed(frame(b"\xc1"))
+        request_decoder().feed_all(frame(b"\xc1"))
 
 
 def test_trailing_bytes_inside_a_frame_are_refused() -> None:
     body = msgpack.packb({"verb": "A.b", "payload": None}) + b"\x01"
 
     with pytest.raises(BadInput, match="not valid msgpack"):
-        request_decoder().feed(frame(body))
+        request_decoder().feed_all(frame(body))
 
 
 def test_a_frame_of_the_wrong_shape_is_refused_naming_the_field() -> None:
     body = msgpack.packb({"verb": "A.b", "payload": None, "extra": 1})
 
     with pytest.raises(BadInput, match="unexpected field"):
-        request_decoder().feed(frame(body))
+        request_decoder().feed_all(frame(body))
 
 
 def test_a_list_instead_of_a_map_is_refused() -> None:
     with pytest.raises(BadInput, match="expected a map, got list"):
-        request_decoder().feed(frame(msgpack.packb([1, 2])))
+        request_decoder().feed_all(frame(msgpack.packb([1, 2])))
 
 
 def test_a_decoder_refuses_everything_after_a_failure() -> None:
     decoder = request_decoder()
     with pytest.raises(BadInput):
-        decoder.feed(frame(b"\xc1"))
+        decoder.feed_all(frame(b"\xc1"))
 
     with pytest.raises(BadInput, match="already refused"):
-        decoder.feed(request_frame("A.b", None, 1))
+        decoder.feed_all(request_frame("A.b", None, 1))
 
 
-def test_messages_before_a_bad_frame_in_the_same_read_are_lost_with_the_stream() -> (
-    None
-):
+def test_messages_before_a_bad_frame_in_the_same_read_come_out_first() -> None:
     decoder = request_decoder()
-    data = request_frame("A.b", None, 1) + frame(b"\xc1")
+    data = request_frame("A.b", None, 1) + frame(b"\xc1") + request_frame("A.c")
+    stream = decoder.feed(data)
 
-    with pytest.raises(BadInput):
-        decoder.feed(data)
+    first = next(stream)
+    with pytest.raises(BadInput, match="not valid msgpack"):
+        next(stream)
+
+    assert first == Message(verb="A.b", payload=None, reply=1)
+    assert decoder.buffered == 0
+
+
+def test_many_small_frames_in_one_read_are_decoded_in_linear_time() -> None:
+    data = request_frame("A.b", None, 1) * 100_000
+    decoder = request_decoder()
+
+    started = time.perf_counter()
+    messages = decoder.feed_all(data)
+    elapsed = time.perf_counter() - started
+
+    assert len(messages) == 100_000
+    assert elapsed < 5.0
 
 
 def test_an_answer_with_neither_ok_nor_error_is_refused() -> None:
     with pytest.raises(BadInput, match="neither"):
-        answer_decoder().feed(frame(msgpack.packb({"reply": 1})))
+        answer_decoder().feed_all(frame(msgpack.packb({"reply": 1})))
 
 
 def test_deeply_nested_input_is_refused_not_crashing() -> None:
     body = b"\x91" * 5000 + b"\xc0"
 
     with pytest.raises(BadInput):
-        request_decoder().feed(frame(body))
+        request_decoder().feed_all(frame(body))
