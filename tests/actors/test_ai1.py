@@ -226,7 +226,7 @@ def test_a_request_before_authentication_is_refused_and_closed(
 def test_random_bytes_get_an_error_frame_and_a_close(
     channel: tuple[Runtime, tuple[str, int], str],
 ) -> None:
-    _, address, token = channel
+    _, address, _ = channel
 
     answers, closed = raw_exchange(address, b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1junk")
 
