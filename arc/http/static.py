@@ -127,10 +127,10 @@ def parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
         end = int(last) if last else size - 1
     except ValueError:
         return None
-    if start < 0 or end < start:
-        return None
     if start >= size:
         return False
+    if start < 0 or end < start:
+        return None
     return start, min(end, size - 1)
 
 

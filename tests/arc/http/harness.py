@@ -75,10 +75,15 @@ class Plane:
         return port
 
     def route(
-        self, services: Iterable[ServiceConfig], base_dir: Path | None = None
+        self,
+        services: Iterable[ServiceConfig],
+        base_dir: Path | None = None,
+        apps: dict[str, Any] | None = None,
     ) -> None:
         """Install a routing table built from ``services``."""
-        table = RoutingTable.build(tuple(services), self.settings, base_dir=base_dir)
+        table = RoutingTable.build(
+            tuple(services), self.settings, base_dir=base_dir, apps=apps
+        )
         self.dataplane.install_routes(table)
 
     def close(self) -> None:

@@ -1,0 +1,609 @@
+"""HttpProtocol on a real loop and real sockets: routing, TLS modes, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from loguru import logger
+
+import arc.http.server as server_module
+from arc.config import ServiceConfig
+from arc.http.redirect import redirect_location
+from tests.arc.http.harness import CA, Plane, client_context, raw_exchange
+
+HOST = "shop.example.com"
+
+
+async def echo(scope: Any, receive: Any, send: Any) -> None:
+    """Answer with the request body, read piece by piece."""
+    body = b""
+    pieces = 0
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        pieces += 1
+        if not message.get("more_body"):
+            break
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"x-pieces", str(pieces).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def slow_then_fast(scope: Any, receive: Any, send: Any) -> None:
+    """Sleep as long as the path says (ms), then name the path."""
+    await asyncio.sleep(int(scope["path"].strip("/") or "0") / 1000)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+
+async def broken(scope: Any, receive: Any, send: Any) -> None:
+    """Fail before answering."""
+    raise RuntimeError("the database is down")
+
+
+async def streaming(scope: Any, receive: Any, send: Any) -> None:
+    """A response in three pieces without Content-Length."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for piece in (b"one,", b"two,", b"three"):
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+APPS = {
+    "t:echo": echo,
+    "t:slow": slow_then_fast,
+    "t:broken": broken,
+    "t:streaming": streaming,
+}
+
+
+@pytest.fixture
+def www(tmp_path: Path) -> Path:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("home")
+    (root / "hello.txt").write_text("hello world")
+    (tmp_path / "secret.txt").write_text("outside")
+    return root
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[Plane]:
+    p = Plane(tmp_path, header_timeout_s=0.5, max_body_bytes=1000)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def logs() -> Iterator[list[Any]]:
+    records: list[Any] = []
+    sink = logger.add(lambda m: records.append(m.record), level="DEBUG")
+    yield records
+    logger.remove(sink)
+
+
+def shared(plane: Plane, www: Path) -> tuple[int, int]:
+    """Three services of each tls mode on one plain and one TLS port."""
+    plain, tls = plane.listen(), plane.listen(tls=True)
+    plane.route(
+        [
+            ServiceConfig(
+                "req", (HOST,), port=plain, tls="required", tls_port=tls, root=www
+            ),
+            ServiceConfig(
+                "opt",
+                ("opt.example.com",),
+                port=plain,
+                tls="optional",
+                tls_port=tls,
+                root=www,
+            ),
+            ServiceConfig(
+                "plain", ("plain.example.com",), port=plain, tls="none", root=www
+            ),
+            ServiceConfig(
+                "apps",
+                ("app.example.com",),
+                port=plain,
+                tls="optional",
+                tls_port=tls,
+                app="t:echo",
+            ),
+            ServiceConfig("slow", ("slow.example.com",), port=plain, app="t:slow"),
+            ServiceConfig(
+                "broken", ("broken.example.com",), port=plain, app="t:broken"
+            ),
+            ServiceConfig(
+                "stream", ("stream.example.com",), port=plain, app="t:streaming"
+            ),
+        ],
+        apps=APPS,
+    )
+    return plain, tls
+
+
+def request(
+    port: int,
+    method: str = "GET",
+    path: str = "/",
+    host: str = HOST,
+    *,
+    tls: bool = False,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> http.client.HTTPResponse:
+    if tls:
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=5, context=client_context()
+        )
+        # SNI and certificate check use the Host we ask for.
+        conn._context.check_hostname = False  # type: ignore[attr-defined]
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response
+
+
+# -- tls modes on shared ports ------------------------------------------------
+
+
+def test_required_redirects_get_with_301_to_the_tls_port_keeping_path_and_query(
+    plane: Plane, www: Path
+) -> None:
+    plain, tls = shared(plane, www)
+
+    answer = request(plain, "GET", "/a%20b/c?x=1&y=2")
+
+    assert answer.status == 301
+    assert answer.getheader("location") == f"https://{HOST}:{tls}/a%20b/c?x=1&y=2"
+
+
+def test_required_redirects_other_methods_with_308(plane: Plane, www: Path) -> None:
+    plain, tls = shared(plane, www)
+
+    answer = request(plain, "POST", "/form", body=b"a=1")
+
+    assert answer.status == 308
+    assert answer.getheader("location") == f"https://{HOST}:{tls}/form"
+
+
+def test_redirect_to_port_443_leaves_the_port_out() -> None:
+    assert redirect_location(HOST, 443, b"/x?y") == b"https://shop.example.com/x?y"
+    assert redirect_location("::1", 8443, b"/") == b"https://[::1]:8443/"
+
+
+def test_required_over_tls_is_served_with_hsts(plane: Plane, www: Path) -> None:
+    _, tls = shared(plane, www)
+
+    answer = request(tls, path="/hello.txt", tls=True)
+
+    assert answer.status == 200
+    assert answer.getheader("strict-transport-security") == "max-age=31536000"
+
+
+def test_optional_is_served_over_both_with_hsts_only_over_tls(
+    plane: Plane, www: Path
+) -> None:
+    plain, tls = shared(plane, www)
+
+    over_plain = request(plain, host="opt.example.com")
+    over_tls = request(tls, host="opt.example.com", tls=True)
+
+    assert (over_plain.status, over_tls.status) == (200, 200)
+    assert over_plain.getheader("strict-transport-security") is None
+    assert over_tls.getheader("strict-transport-security") == "max-age=31536000"
+
+
+def test_none_is_served_over_plain_and_misdirected_over_tls(
+    plane: Plane, www: Path
+) -> None:
+    plain, tls = shared(plane, www)
+
+    assert request(plain, host="plain.example.com").status == 200
+    assert request(tls, host="plain.example.com", tls=True).status == 421
+
+
+def test_an_empty_hsts_setting_sends_no_header(tmp_path: Path, www: Path) -> None:
+    plane = Plane(tmp_path, hsts="")
+    try:
+        tls = plane.listen(tls=True)
+        plane.route(
+            [ServiceConfig("s", (HOST,), tls="required", tls_port=tls, root=www)]
+        )
+
+        answer = request(tls, tls=True)
+
+        assert answer.status == 200
+        assert answer.getheader("strict-transport-security") is None
+    finally:
+        plane.close()
+
+
+def test_a_host_not_covered_by_the_connection_certificate_gets_421(
+    plane: Plane, www: Path
+) -> None:
+    tls = plane.listen(tls=True, tls_domain=HOST)
+    plane.route(
+        [
+            ServiceConfig("a", (HOST,), tls="required", tls_port=tls, root=www),
+            ServiceConfig(
+                "b", ("blog.example.com",), tls="required", tls_port=tls, root=www
+            ),
+        ]
+    )
+
+    assert request(tls, tls=True).status == 200
+    assert request(tls, host="blog.example.com", tls=True).status == 421
+
+
+def test_an_unknown_host_gets_404_and_keeps_the_connection(
+    plane: Plane, www: Path
+) -> None:
+    plain, _ = shared(plane, www)
+
+    answer = raw_exchange(
+        plain,
+        b"GET / HTTP/1.1\r\nHost: nobody.example\r\n\r\n"
+        b"GET /hello.txt HTTP/1.1\r\nHost: opt.example.com\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert answer.count(b"HTTP/1.1 ") == 2
+    assert answer.endswith(b"hello world")
+
+
+def test_curl_follows_the_redirect_to_https(
+    plane: Plane, www: Path, tmp_path: Path
+) -> None:
+    plain, tls = shared(plane, www)
+    ca = tmp_path / "ca.pem"
+    CA.cert_pem.write_to_path(str(ca))
+
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-L",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(ca),
+            "--resolve",
+            f"{HOST}:{plain}:127.0.0.1",
+            "--resolve",
+            f"{HOST}:{tls}:127.0.0.1",
+            "-w",
+            "%{http_code} %{url_effective}",
+            f"http://{HOST}:{plain}/hello.txt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    ).stdout
+
+    assert out == f"hello world200 https://{HOST}:{tls}/hello.txt"
+
+
+# -- limits -------------------------------------------------------------------
+
+
+def test_headers_over_16_kib_get_431_and_a_close(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+    big = b"x-big: " + b"a" * 17000 + b"\r\n"
+
+    answer = raw_exchange(
+        plain, b"GET / HTTP/1.1\r\nHost: opt.example.com\r\n" + big + b"\r\n"
+    )
+
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"connection: close" in answer
+
+
+def test_one_endless_header_line_gets_431(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+
+    answer = raw_exchange(plain, b"GET / HTTP/1.1\r\nx-endless: " + b"a" * 200_000)
+
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_body_over_the_limit_by_content_length_gets_413(
+    plane: Plane, www: Path
+) -> None:
+    plain, _ = shared(plane, www)
+
+    answer = raw_exchange(
+        plain,
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 1001\r\n\r\n",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+def test_a_chunked_body_over_the_limit_gets_413(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+    chunk = b"1f4\r\n" + b"z" * 500 + b"\r\n"
+
+    answer = raw_exchange(
+        plain,
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+def test_a_slow_client_gets_408_then_the_connection_closes(
+    plane: Plane, www: Path
+) -> None:
+    plain, _ = shared(plane, www)
+    started = time.monotonic()
+
+    answer = raw_exchange(plain, b"GET / HTTP/1.1\r\nHost: opt.exa")
+
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert 0.4 < time.monotonic() - started < 3.0
+
+
+def test_a_silent_connection_gets_408(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+
+    assert raw_exchange(plain, b"").startswith(b"HTTP/1.1 408 ")
+
+
+def test_an_idle_keep_alive_connection_is_closed_without_an_answer(
+    plane: Plane, www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "KEEP_ALIVE_IDLE_S", 0.3)
+    plain, _ = shared(plane, www)
+    started = time.monotonic()
+
+    answer = raw_exchange(
+        plain, b"GET /hello.txt HTTP/1.1\r\nHost: opt.example.com\r\n\r\n"
+    )
+
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert answer.endswith(b"hello world")
+    assert time.monotonic() - started < 2.0
+
+
+def test_malformed_requests_get_400(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+
+    assert raw_exchange(plain, b"GARBAGE\x01 / HTTP/1.1\r\n\r\n").startswith(
+        b"HTTP/1.1 400 "
+    )
+    assert raw_exchange(plain, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+
+
+# -- keep-alive, pipelining, bodies ---------------------------------------------
+
+
+def test_pipelined_requests_are_answered_in_order(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+    asks = b"".join(
+        b"GET /%d HTTP/1.1\r\nHost: slow.example.com\r\n\r\n" % ms
+        for ms in (150, 0, 60)
+    )
+
+    answer = raw_exchange(
+        plain,
+        asks
+        + b"GET /0 HTTP/1.1\r\nHost: slow.example.com\r\nConnection: close\r\n\r\n",
+    )
+
+    bodies = [
+        part.rsplit(b"\r\n\r\n", 1)[-1] for part in answer.split(b"HTTP/1.1 200 OK")[1:]
+    ]
+    assert [b.split(b"H")[0] for b in bodies] == [b"/150", b"/0", b"/60", b"/0"]
+
+
+def test_pipelined_static_and_app_requests_share_one_connection(
+    plane: Plane, www: Path
+) -> None:
+    plain, _ = shared(plane, www)
+    asks = (
+        b"GET /hello.txt HTTP/1.1\r\nHost: opt.example.com\r\n\r\n"
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /30 HTTP/1.1\r\nHost: slow.example.com\r\n\r\n"
+        b"HEAD /hello.txt HTTP/1.1\r\nHost: opt.example.com\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+
+    answer = raw_exchange(plain, asks)
+
+    assert answer.count(b"HTTP/1.1 200 OK") == 4
+    assert answer.index(b"hello world") < answer.index(b"abc") < answer.index(b"/30")
+    assert answer.endswith(b"\r\n\r\n")  # HEAD: headers only
+
+
+def test_a_chunked_request_body_streams_to_the_app(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+    sock = socket.create_connection(("127.0.0.1", plain), timeout=5)
+    sock.sendall(
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n"
+    )
+    time.sleep(0.1)
+    sock.sendall(b"6\r\n world\r\n0\r\n\r\n")
+
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"hello world")
+    assert b"x-pieces: 2" in answer
+
+
+def test_a_streamed_response_without_length_is_chunked(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+
+    answer = request(plain, host="stream.example.com")
+
+    assert answer.getheader("transfer-encoding") == "chunked"
+
+
+def test_an_app_error_answers_500_and_logs_the_traceback(
+    plane: Plane, www: Path, logs: list[Any]
+) -> None:
+    plain, _ = shared(plane, www)
+
+    answer = request(plain, host="broken.example.com")
+
+    assert answer.status == 500
+    errors = [r for r in logs if r["level"].name == "ERROR"]
+    assert len(errors) == 1
+    assert errors[0]["extra"]["actor"] == "hyperion"
+    assert errors[0]["exception"] is not None
+    assert "the database is down" in str(errors[0]["exception"].value)
+
+
+def test_each_request_writes_one_access_line(
+    plane: Plane, www: Path, logs: list[Any]
+) -> None:
+    plain, _ = shared(plane, www)
+
+    request(plain, path="/hello.txt", host="opt.example.com")
+
+    lines = [r for r in logs if r["message"].startswith("access ")]
+    assert len(lines) == 1
+    assert lines[0]["level"].name == "INFO"
+    assert lines[0]["extra"]["actor"] == "hyperion"
+    for field in (
+        "method=GET",
+        "host=opt.example.com",
+        "path=/hello.txt",
+        "status=200",
+        "bytes=11",
+        "ms=",
+        "scheme=http",
+    ):
+        assert field in lines[0]["message"]
+
+
+def test_no_access_line_when_the_setting_is_off(
+    tmp_path: Path, www: Path, logs: list[Any]
+) -> None:
+    plane = Plane(tmp_path, access_log=False)
+    try:
+        plain = plane.listen()
+        plane.route([ServiceConfig("s", (HOST,), port=plain, root=www)])
+
+        request(plain)
+
+        assert not [r for r in logs if r["message"].startswith("access ")]
+    finally:
+        plane.close()
+
+
+def test_a_plugin_port_hands_every_request_to_its_app(plane: Plane, www: Path) -> None:
+    plain = plane.listen()
+    plane.dataplane.port_apps[plain] = echo
+
+    answer = request(plain, "POST", host="anything.invalid", body=b"ping")
+
+    assert answer.status == 200
+
+
+# -- static files over the wire -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/../secret.txt",
+        b"/%2e%2e/secret.txt",
+        b"/..%2fsecret.txt",
+        b"/%252e%252e/secret.txt",
+        b"/..\\secret.txt",
+        b"/%00/../secret.txt",
+    ],
+)
+def test_traversal_attempts_over_the_wire_get_404(
+    plane: Plane, www: Path, target: bytes
+) -> None:
+    plain, _ = shared(plane, www)
+
+    answer = raw_exchange(
+        plain,
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nHost: opt.example.com\r\nConnection: close\r\n\r\n",
+    )
+
+    assert answer.startswith((b"HTTP/1.1 404 ", b"HTTP/1.1 400 "))
+    assert b"outside" not in answer
+
+
+def test_static_304_206_416_and_head_over_tls(plane: Plane, www: Path) -> None:
+    _, tls = shared(plane, www)
+    first = request(tls, path="/hello.txt", host="opt.example.com", tls=True)
+    etag = first.getheader("etag") or ""
+
+    cached = request(
+        tls,
+        path="/hello.txt",
+        host="opt.example.com",
+        tls=True,
+        headers={"If-None-Match": etag},
+    )
+    part = request(
+        tls,
+        path="/hello.txt",
+        host="opt.example.com",
+        tls=True,
+        headers={"Range": "bytes=6-"},
+    )
+    beyond = request(
+        tls,
+        path="/hello.txt",
+        host="opt.example.com",
+        tls=True,
+        headers={"Range": "bytes=99-"},
+    )
+    head = request(tls, "HEAD", "/hello.txt", host="opt.example.com", tls=True)
+
+    assert (cached.status, part.status, beyond.status, head.status) == (
+        304,
+        206,
+        416,
+        200,
+    )
+    assert part.getheader("content-range") == "bytes 6-10/11"
+    assert head.getheader("content-length") == "11"
+
+
+def test_a_large_file_is_streamed_whole(plane: Plane, www: Path) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB
+    (www / "big.bin").write_bytes(data)
+    plain, _ = shared(plane, www)
+    conn = http.client.HTTPConnection("127.0.0.1", plain, timeout=10)
+
+    conn.request("GET", "/big.bin", headers={"Host": "opt.example.com"})
+    body = conn.getresponse().read()
+    conn.request("GET", "/hello.txt", headers={"Host": "opt.example.com"})
+    after = conn.getresponse().read()
+    conn.close()
+
+    assert body == data
+    assert after == b"hello world"
