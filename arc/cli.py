@@ -92,6 +92,9 @@ def run(config: Config) -> int:
         log.error("cannot start: {m}", m=exc.message)
         runtime.stop()
         return EXIT_FAILED
+    from arc.plugins import start_plugins
+
+    start_plugins(runtime, config)
     log.info("running actors={a} pid={p}", a=",".join(runtime.names()), p=os.getpid())
 
     # The main thread only waits: signals land here, everything else runs
