@@ -1,0 +1,447 @@
+"""Metrics: Arcology's figures for Prometheus at ``GET /metrics``.
+
+How this works
+--------------
+``Metrics`` is a plugin actor (``[plugins.metrics]``). It serves a small
+ASGI application on its own plain port (``listen``, 127.0.0.1:9464 by
+default) through Esper, on the data plane loop.
+
+Two kinds of figures, fetched in two ways:
+
+- Certificate expiry lives in Cryptosaur's store. The actor reads the whole
+  list once when it starts, then only what changed: on every
+  ``Cryptosaur.certificateChanged`` it asks ``showCertificate`` for each
+  changed domain (``NotFound`` means deleted). The result is published to
+  the application as an immutable mapping, swapped whole, so a scrape reads
+  it without a message and never sees half an update. The store is never
+  polled.
+- Counters that live in the data plane (handshakes, the context cache,
+  open connections, requests by status class) are asked of Esper and
+  Hyperion at scrape time with ``ask_async``, which never blocks the loop.
+  Actor restarts come from ``runtime.status()``.
+
+The text follows the Prometheus text exposition format 0.0.4: one ``# HELP``
+and one ``# TYPE`` line per family, then its samples; label values escape
+backslash, double quote and newline; HELP text escapes backslash and
+newline.
+
+What always holds
+-----------------
+- A scrape answers even when an actor it asks is busy or restarting: the
+  figures of that source are left out and ``arcology_scrape_source_up``
+  says 0 for it. A counter never goes backwards within one process (it
+  restarts from zero with Esper, which Prometheus reads as a reset).
+- Nothing here holds a private key: only summaries are asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from arc.actor import verb
+from arc.config import parse_address
+from arc.errors import ArcError, NotFound
+from arc.plugins import Plugin
+from arc.runtime import Runtime
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_LISTEN = "127.0.0.1:9464"
+# A scrape asks Esper and Hyperion; Prometheus' default scrape timeout is
+# 10 s, so answer well within it even when one of them is slow.
+SOURCE_TIMEOUT_S = 2.0
+# Certificate summaries asked on one change; a bigger change reads the list.
+MAX_SHOW_PER_CHANGE = 64
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+# -- the exposition format ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family: name, type, help and its samples.
+
+    ``samples`` holds ``(labels, value)`` pairs; the sample name is the
+    family name (counters are named ``..._total`` here already).
+    """
+
+    name: str
+    kind: str
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+
+def escape_label_value(value: str) -> str:
+    """A label value as the text format writes it between double quotes."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """HELP text as the text format writes it."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value: float) -> str:
+    """A sample value: integers without a point, and NaN, +Inf, -Inf."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
+
+
+def render(families: Iterable[Family]) -> str:
+    """The text exposition (format 0.0.4) of ``families``."""
+    lines: list[str] = []
+    for family in families:
+        lines.append(f"# HELP {family.name} {escape_help(family.help)}")
+        lines.append(f"# TYPE {family.name} {family.kind}")
+        for labels, value in family.samples:
+            if labels:
+                inner = ",".join(
+                    f'{key}="{escape_label_value(str(val))}"'
+                    for key, val in labels.items()
+                )
+                lines.append(f"{family.name}{{{inner}}} {format_value(value)}")
+            else:
+                lines.append(f"{family.name} {format_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def iso_to_unix(text: str) -> float:
+    """``"2027-01-01T00:00:00Z"`` to seconds since the Unix epoch."""
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+# -- the figures --------------------------------------------------------------
+
+
+def certificate_family(expiry: Mapping[str, float]) -> Family:
+    """``arcology_certificate_not_after_seconds`` for every stored domain."""
+    return Family(
+        "arcology_certificate_not_after_seconds",
+        "gauge",
+        "End of validity of the certificate stored for the domain (Unix time).",
+        [({"domain": domain}, expiry[domain]) for domain in sorted(expiry)],
+    )
+
+
+def _counter(name: str, help_text: str, value: Any) -> Family | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return Family(name, "counter", help_text, [({}, float(value))])
+
+
+def esper_families(status: Mapping[str, Any]) -> list[Family]:
+    """Handshakes, the context cache and open connections from Esper's status."""
+    families: list[Family] = []
+    handshakes = status.get("handshakes")
+    if isinstance(handshakes, Mapping):
+        for name, key, text in (
+            (
+                "arcology_tls_handshakes_total",
+                "completed",
+                "TLS handshakes completed.",
+            ),
+            (
+                "arcology_tls_handshake_failures_total",
+                "failed",
+                "TLS handshakes that failed or were refused.",
+            ),
+        ):
+            family = _counter(name, text, handshakes.get(key))
+            if family is not None:
+                families.append(family)
+    cache = status.get("cache")
+    if isinstance(cache, Mapping):
+        for key, text in (
+            ("hits", "TLS context cache hits."),
+            ("misses", "TLS context cache misses (a certificate was fetched)."),
+            ("evictions", "TLS contexts pushed out of the cache or expired."),
+        ):
+            family = _counter(
+                f"arcology_tls_context_cache_{key}_total", text, cache.get(key)
+            )
+            if family is not None:
+                families.append(family)
+        size = cache.get("size")
+        if isinstance(size, int):
+            families.append(
+                Family(
+                    "arcology_tls_context_cache_size",
+                    "gauge",
+                    "TLS contexts held in the cache.",
+                    [({}, float(size))],
+                )
+            )
+    connections = status.get("connections")
+    if isinstance(connections, Mapping):
+        connections = connections.get("open")
+    if isinstance(connections, int) and not isinstance(connections, bool):
+        families.append(
+            Family(
+                "arcology_connections_open",
+                "gauge",
+                "Client connections open on every listener.",
+                [({}, float(connections))],
+            )
+        )
+    listeners = status.get("listeners")
+    if isinstance(listeners, list):
+        families.append(
+            Family(
+                "arcology_listeners_open",
+                "gauge",
+                "Listeners (ports) open.",
+                [({}, float(len(listeners)))],
+            )
+        )
+    return families
+
+
+def request_families(counts: Mapping[str, Any]) -> list[Family]:
+    """``arcology_http_requests_total`` by status class."""
+    samples = [
+        ({"class": klass}, float(counts[klass]))
+        for klass in STATUS_CLASSES
+        if isinstance(counts.get(klass), int)
+    ]
+    if not samples:
+        return []
+    return [
+        Family(
+            "arcology_http_requests_total",
+            "counter",
+            "HTTP requests answered, by status class.",
+            samples,
+        )
+    ]
+
+
+def runtime_families(status: Mapping[str, Any]) -> list[Family]:
+    """Actor restarts and states, and the process start time."""
+    actors = [a for a in status.get("actors", []) if isinstance(a, Mapping)]
+    return [
+        Family(
+            "arcology_actor_restarts_total",
+            "counter",
+            "Times the actor was restarted after a crash.",
+            [({"actor": str(a["name"])}, float(a["restarts"])) for a in actors],
+        ),
+        Family(
+            "arcology_actor_up",
+            "gauge",
+            "1 when the actor is running, 0 when it is restarting or failed.",
+            [
+                ({"actor": str(a["name"])}, 1.0 if a["state"] == "running" else 0.0)
+                for a in actors
+            ],
+        ),
+        Family(
+            "arcology_start_time_seconds",
+            "gauge",
+            "When this Arcology process started (Unix time).",
+            [({}, float(status.get("started_at", 0.0)))],
+        ),
+    ]
+
+
+def source_family(up: Mapping[str, bool]) -> Family:
+    """Whether each actor asked during the scrape answered."""
+    return Family(
+        "arcology_scrape_source_up",
+        "gauge",
+        "1 when the actor asked for its figures answered this scrape, else 0.",
+        [({"source": name}, 1.0 if ok else 0.0) for name, ok in up.items()],
+    )
+
+
+# -- the application ----------------------------------------------------------
+
+
+class MetricsApp:
+    """The ASGI application behind ``listen``: ``GET /metrics`` and nothing else."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        # Swapped whole by the actor; read without a lock by the loop.
+        self.expiry: Mapping[str, float] = types.MappingProxyType({})
+        self.scrapes = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Answer one request."""
+        if scope.get("type") != "http":
+            return
+        if scope.get("path") != "/metrics":
+            await _answer(send, 404, b"not found: the figures are at /metrics\n")
+            return
+        if scope.get("method") not in ("GET", "HEAD"):
+            await _answer(send, 405, b"only GET and HEAD\n", [(b"allow", b"GET, HEAD")])
+            return
+        body = (await self.scrape()).encode("utf-8")
+        await _answer(send, 200, body, content_type=CONTENT_TYPE.encode())
+
+    async def scrape(self) -> str:
+        """The exposition text, asking Esper and Hyperion for their counters."""
+        self.scrapes += 1
+        esper, hyperion = await asyncio.gather(
+            self._ask("Esper", "status"),
+            self._ask("Hyperion", "requestCounts"),
+        )
+        return render(self.families(esper, hyperion))
+
+    async def _ask(self, actor: str, verb_name: str) -> Mapping[str, Any] | None:
+        try:
+            answer = await self.runtime.ask_async(
+                actor, verb_name, {}, timeout=SOURCE_TIMEOUT_S
+            )
+        except ArcError:
+            return None
+        return answer if isinstance(answer, Mapping) else None
+
+    def families(
+        self,
+        esper: Mapping[str, Any] | None,
+        hyperion: Mapping[str, Any] | None,
+    ) -> list[Family]:
+        """Every family, from the answers of one scrape."""
+        families = [certificate_family(self.expiry)]
+        if esper is not None:
+            families += esper_families(esper)
+        if hyperion is not None:
+            families += request_families(hyperion)
+        families += runtime_families(self.runtime.status())
+        families.append(
+            source_family(
+                {"Esper": esper is not None, "Hyperion": hyperion is not None}
+            )
+        )
+        return families
+
+
+async def _answer(
+    send: Any,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    content_type: bytes = b"text/plain; charset=utf-8",
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- the actor ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricsOptions:
+    """``[plugins.metrics]``: where ``/metrics`` is served."""
+
+    listen: str = DEFAULT_LISTEN
+
+    def __post_init__(self) -> None:
+        parse_address(self.listen, "listen")
+
+
+class Metrics(Plugin):
+    """Serves ``/metrics`` and keeps certificate expiry up to date."""
+
+    name = "metrics"
+    needs = ("Cryptosaur", "Esper")
+    hears = ("Cryptosaur.certificateChanged",)
+    Options = MetricsOptions
+
+    def __init__(self, runtime: Runtime, config: Any, options: Any = None) -> None:
+        super().__init__(runtime, config, options)
+        self.app = MetricsApp(runtime)
+        self.expiry: dict[str, float] = {}
+        self.port = parse_address(self.options.listen, "listen")[1]
+
+    def on_start(self) -> None:
+        """Read the stored certificates once, then open the listener."""
+        self.read_all()
+        self.serve(self.port, self.app)
+
+    def read_all(self) -> None:
+        """Replace the expiry table with Cryptosaur's whole list."""
+        summaries = self.runtime.ask("Cryptosaur", "listCertificates", {})
+        expiry: dict[str, float] = {}
+        for summary in summaries or []:
+            expiry.update(_expiry_of(summary))
+        self.expiry = expiry
+        self._publish()
+
+    def _publish(self) -> None:
+        self.app.expiry = types.MappingProxyType(dict(self.expiry))
+
+    @verb("Cryptosaur.certificateChanged")
+    def certificate_changed(self, payload: Any) -> None:
+        """Ask for the changed domains only; a deleted one leaves the table."""
+        domains = payload.get("domains") if isinstance(payload, Mapping) else None
+        if not isinstance(domains, list) or len(domains) > MAX_SHOW_PER_CHANGE:
+            self.read_all()
+            return
+        for domain in domains:
+            if not isinstance(domain, str):
+                continue
+            try:
+                summary = self.runtime.ask(
+                    "Cryptosaur", "showCertificate", {"domain": domain}
+                )
+            except NotFound:
+                self.expiry.pop(domain, None)
+                continue
+            if summary.get("domain") != domain:
+                # Answered by a wildcard one label up: this domain itself
+                # has no certificate of its own any more.
+                self.expiry.pop(domain, None)
+                continue
+            self.expiry.update(_expiry_of(summary))
+        self._publish()
+        self.log.debug("certificate expiry updated domains={d}", d=",".join(domains))
+
+    @verb("status")
+    def status(self, payload: Any) -> Any:
+        """Where ``/metrics`` is served and what it holds."""
+        return {
+            "listen": self.options.listen,
+            "port": self.port,
+            "certificates": len(self.expiry),
+            "scrapes": self.app.scrapes,
+        }
+
+    @verb("certificates")
+    def certificates(self, payload: Any) -> Any:
+        """The expiry table: domain -> not_after (Unix time)."""
+        return dict(self.expiry)
+
+
+def _expiry_of(summary: Any) -> dict[str, float]:
+    if not isinstance(summary, Mapping):
+        return {}
+    domain = summary.get("domain")
+    not_after = summary.get("not_after")
+    if not isinstance(domain, str) or not isinstance(not_after, str):
+        return {}
+    return {domain: iso_to_unix(not_after)}
