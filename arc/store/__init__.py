@@ -55,12 +55,9 @@ def open_backend(settings: StoreSettings) -> Backend:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return SqliteBackend(settings.data_dir / FILE_NAME)
     if kind.startswith(("postgresql://", "postgres://")):
-        # The PostgreSQL backend goes here: arc/store/postgres.py implementing
-        # arc.store.base.Backend, opened with the URL in settings.store.
-        # LIMITATION: until then a PostgreSQL store is refused at start.
-        raise ConfigError(
-            'store: "postgresql://..." is not available yet; use store = "sqlite"'
-        )
+        from arc.store.postgres import PostgresBackend
+
+        return PostgresBackend(kind)
     raise ConfigError(f'store: expected "sqlite" or "postgresql://..." (got {kind!r})')
 
 

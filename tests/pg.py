@@ -1,0 +1,185 @@
+"""A throwaway PostgreSQL server for tests: real binaries, a temporary folder.
+
+How this works: ``ThrowawayPostgres`` runs ``initdb -A trust`` in a new
+temporary folder and starts the server with ``pg_ctl``, listening only on
+127.0.0.1 on a free port, with its Unix socket in the same folder. Both
+programs refuse to run as root, so when the tests run as root the folder is
+given to the ``postgres`` user and the programs run through
+``runuser -u postgres --``. ``stop`` and ``start`` can be called again on the
+same server (the tests use that to cut the database away from running
+nodes); ``destroy`` stops it for good and removes the folder.
+
+Fixtures (import them into a test module with ``from tests.pg import ...``):
+
+- ``postgres_server`` (session): one server shared by a whole test run.
+- ``pg_url`` (function): a fresh, empty database on that server.
+- ``own_postgres`` (function): a server of the test's own, for tests that
+  stop and restart it.
+
+Where the binaries are missing the tests are skipped with the reason, except
+in CI (``CI=true``), where a missing PostgreSQL fails them: a green run must
+mean the PostgreSQL backend was exercised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_BIN = Path(os.environ.get("ARC_PG_BIN", "/usr/lib/postgresql/15/bin"))
+# initdb takes about a second; a start or stop well under one. The bound is
+# for a slow CI machine, not the usual case.
+PG_CTL_TIMEOUT_S = 60
+START_ATTEMPTS = 3  # a free port may be taken by someone else before we bind it
+
+
+def postgres_missing() -> str | None:
+    """Why no throwaway PostgreSQL can run here, or None when one can."""
+    for program in ("initdb", "pg_ctl", "postgres"):
+        if not (PG_BIN / program).is_file():
+            return f"PostgreSQL not installed: {PG_BIN / program} is missing"
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        return "running as root and runuser is missing, so initdb cannot run"
+    return None
+
+
+def require_postgres() -> None:
+    """Skip the calling test without PostgreSQL; fail it instead in CI."""
+    reason = postgres_missing()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ThrowawayPostgres:
+    """One PostgreSQL server in a temporary folder, owned by the test run."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="arc-pg-"))
+        self.data = self.folder / "data"
+        self.log_file = self.folder / "server.log"
+        self.port = 0
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            shutil.chown(self.folder, user="postgres")
+        self._run("initdb", "-A", "trust", "-U", "postgres", "-E", "UTF8")
+
+    @property
+    def url(self) -> str:
+        """The URL of the ``postgres`` database."""
+        return self.database_url("postgres")
+
+    def database_url(self, name: str) -> str:
+        """The URL of database ``name`` on this server."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def _command(self, program: str, *args: str) -> list[str]:
+        command = [str(PG_BIN / program), "-D", str(self.data), *args]
+        if self.as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        return command
+
+    def _run(self, program: str, *args: str) -> None:
+        extra = ("--no-sync",) if program == "initdb" else ()
+        done = subprocess.run(
+            self._command(program, *args, *extra),
+            capture_output=True,
+            text=True,
+            timeout=PG_CTL_TIMEOUT_S,
+            check=False,
+        )
+        if done.returncode != 0:
+            log = self.log_file.read_text() if self.log_file.exists() else ""
+            raise RuntimeError(
+                f"{program} {' '.join(args)} failed ({done.returncode}): "
+                f"{done.stdout}{done.stderr}{log[-2000:]}"
+            )
+
+    def start(self) -> None:
+        """Start the server (on the port it had, or a new free one)."""
+        attempts = 1 if self.port else START_ATTEMPTS
+        for attempt in range(attempts):
+            port = self.port or free_port()
+            options = (
+                f"-p {port} -k {self.folder} -c listen_addresses=127.0.0.1 "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                "-c max_connections=200"
+            )
+            try:
+                self._run(
+                    "pg_ctl", "-w", "-l", str(self.log_file), "-o", options, "start"
+                )
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                continue
+            self.port = port
+            return
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; ``fast`` ends every client connection at once."""
+        self._run("pg_ctl", "-w", "-m", mode, "stop")
+
+    def create_database(self) -> str:
+        """A new empty database; returns its URL."""
+        import psycopg
+
+        name = f"arc_{secrets.token_hex(6)}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.database_url(name)
+
+    def destroy(self) -> None:
+        """Stop the server if it runs and remove its folder."""
+        with contextlib.suppress(RuntimeError):
+            self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[ThrowawayPostgres]:
+    """One throwaway PostgreSQL for the whole test run."""
+    require_postgres()
+    server = ThrowawayPostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres_server: ThrowawayPostgres) -> str:
+    """A fresh, empty database on the shared throwaway server."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[ThrowawayPostgres]:
+    """A throwaway PostgreSQL of the test's own, free to stop and restart."""
+    require_postgres()
+    server = ThrowawayPostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
