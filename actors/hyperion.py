@@ -1,0 +1,262 @@
+"""Hyperion: service definitions, routing, and the listeners they need.
+
+How this works: on start Hyperion takes the services of its ``Config``,
+imports their applications and runs their ASGI lifespan startup on the data
+plane loop, builds one immutable ``RoutingTable`` and installs it in the data
+plane, then asks Esper to ``listen`` once per port (plain or TLS, derived
+from the services). With ``local_ca`` it makes sure localhost has a
+certificate. Last, it asks Cryptosaur for the certificate of every host of a
+service that wants TLS and logs one ERROR line per host that has none; such
+a host is still served over plain HTTP. When Cryptosaur announces a change
+that gives one of those hosts a certificate, one INFO line says it is now
+served over TLS.
+
+``reload`` reads the configuration file again and reconciles: new ports are
+opened, ports no service uses any more are closed, ports that stay are left
+untouched (their connections too), and the new table replaces the old in one
+swap. Applications keep running across a reload when their ``app`` spec is
+unchanged; new ones are started and dropped ones shut down.
+
+What always holds: the data plane never waits for Hyperion; requests read the
+table in force, so a reload applies to the next request.
+
+What it does not do yet: a reload applies the services only; changes to the
+``[arcology]`` settings (HSTS, limits, access log) need a restart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arc.actor import Actor, verb
+from arc.config import Config, ServiceConfig, load_config
+from arc.errors import ArcError, ConfigError, NotFound
+from arc.http.asgi import LIFESPAN_TIMEOUT_S, ASGIApp, Lifespan, load_app
+from arc.http.routing import RoutingTable, covers, derive_listeners
+from arc.localca import days_left, ensure_localhost
+
+# A certificate ask is answered from Cryptosaur's store; this bounds a stall.
+ASK_TIMEOUT_S = 10.0
+
+
+class Hyperion(Actor):
+    """Owns the service definitions and routing; asks Esper for listeners."""
+
+    name = "Hyperion"
+    needs = ("Cryptosaur", "Esper")
+    hears = ("Cryptosaur.certificateChanged",)
+
+    def __init__(self, runtime: Any, config: Config) -> None:
+        super().__init__(runtime, config)
+        self._listeners: dict[int, bool] = {}
+        self._apps: dict[str, ASGIApp] = {}
+        self._lifespans: dict[str, Lifespan] = {}
+        # Hosts wanting TLS that had no certificate when last checked.
+        self._missing: set[str] = set()
+
+    # -- life -----------------------------------------------------------------
+
+    def on_start(self) -> None:
+        """Load the services, open their listeners, report missing certificates."""
+        settings = self.config.arcology
+        self._apply(self.config)
+        if settings.local_ca:
+            ensure_localhost(settings.data_dir, self._ask)
+        self._check_certificates(self.config.services, only_new=False)
+
+    def on_stop(self) -> None:
+        """Shut down the applications' lifespans; listeners stay with Esper."""
+        for spec in list(self._lifespans):
+            self._stop_app(spec)
+
+    # -- verbs ----------------------------------------------------------------
+
+    @verb("loadServices")
+    def load_services(self, payload: Any) -> dict[str, Any]:
+        """Same as ``reload``: read the services again and reconcile."""
+        return self.reload(payload)
+
+    @verb("reload")
+    def reload(self, payload: Any) -> dict[str, Any]:
+        """Re-read the configuration file; answer {opened, closed, unchanged}."""
+        path = self.config.path
+        config = load_config(path) if path is not None else self.config
+        summary = self._apply(config)
+        self.config = config
+        self._check_certificates(config.services, only_new=True)
+        self.log.info(
+            "services reloaded services={} opened={} closed={} unchanged={}",
+            len(config.services),
+            summary["opened"],
+            summary["closed"],
+            summary["unchanged"],
+        )
+        self.runtime.announce("Hyperion.servicesReloaded", summary)
+        return summary
+
+    @verb("services")
+    def services(self, payload: Any) -> list[dict[str, Any]]:
+        """Every service with its hosts and their certificate status."""
+        warning_days = self.config.arcology.expiry_warning_days
+        out: list[dict[str, Any]] = []
+        for service in self.config.services:
+            hosts: list[dict[str, Any]] = []
+            for host in service.hosts:
+                found = self._certificate(host)
+                if found is None:
+                    hosts.append(
+                        {"host": host, "certificate": "missing", "days_left": None}
+                    )
+                    continue
+                left = days_left(str(found["not_after"]))
+                state = "expiring" if left <= warning_days else "ok"
+                hosts.append({"host": host, "certificate": state, "days_left": left})
+            out.append(
+                {
+                    "name": service.name,
+                    "hosts": hosts,
+                    "tls": service.tls,
+                    "port": service.port,
+                    "tlsPort": service.tls_port if service.tls != "none" else None,
+                }
+            )
+        return out
+
+    @verb("Cryptosaur.certificateChanged")
+    def certificate_changed(self, payload: Any) -> None:
+        """Say which hosts gained (or lost) a certificate."""
+        domains = [str(d).lower() for d in (payload or {}).get("domains", [])]
+        for service in self.config.services:
+            if service.tls == "none":
+                continue
+            for host in service.hosts:
+                if not any(covers(d, host) or d == host for d in domains):
+                    continue
+                has = self._certificate(host) is not None
+                if has and host in self._missing:
+                    self._missing.discard(host)
+                    self.log.info(
+                        "host is now served over TLS host={} service={}",
+                        host,
+                        service.name,
+                    )
+                elif not has and host not in self._missing:
+                    self._missing.add(host)
+                    self._report_missing(host, service)
+
+    # -- reconciling ----------------------------------------------------------
+
+    def _apply(self, config: Config) -> dict[str, Any]:
+        # Check everything that can be refused before anything changes.
+        services = config.services
+        wanted = derive_listeners(services)
+        specs = {s.app for s in services if s.app is not None}
+        for spec in sorted(specs - set(self._apps)):
+            self._apps[spec] = load_app(spec, config.base_dir)
+
+        # Start new applications, then swap the table in one piece.
+        for spec in sorted(specs - set(self._lifespans)):
+            self._start_app(spec, services)
+        table = RoutingTable.build(
+            services,
+            config.arcology,
+            base_dir=config.base_dir,
+            apps=self._apps,
+            states={spec: life.state for spec, life in self._lifespans.items()},
+        )
+        self.runtime.dataplane.install_routes(table)
+
+        # Listeners: open the new, close the unused, leave the rest alone.
+        opened, closed, unchanged = [], [], []
+        for port, tls in sorted(self._listeners.items()):
+            if wanted.get(port) != tls:
+                self.runtime.tell("Esper", "stopListener", {"port": port})
+                del self._listeners[port]
+                closed.append(port)
+        for port, tls in sorted(wanted.items()):
+            if port in self._listeners:
+                unchanged.append(port)
+                continue
+            self._ask("Esper", "listen", {"port": port, "tls": tls, "owner": self.name})
+            self._listeners[port] = tls
+            opened.append(port)
+
+        # Applications no service uses any more.
+        for spec in sorted(set(self._lifespans) - specs):
+            self._stop_app(spec)
+            self._apps.pop(spec, None)
+        return {"opened": opened, "closed": closed, "unchanged": unchanged}
+
+    def _start_app(self, spec: str, services: tuple[ServiceConfig, ...]) -> None:
+        name = next((s.name for s in services if s.app == spec), spec)
+        life = Lifespan(self._apps[spec], name)
+        try:
+            self.runtime.dataplane.run(life.startup(), LIFESPAN_TIMEOUT_S + 1)
+        except TimeoutError as exc:
+            raise ConfigError(
+                f"service {name!r}: application startup did not finish within "
+                f"{LIFESPAN_TIMEOUT_S:g} s"
+            ) from exc
+        self._lifespans[spec] = life
+
+    def _stop_app(self, spec: str) -> None:
+        life = self._lifespans.pop(spec)
+        dataplane = self.runtime.dataplane
+        if not dataplane.loop.is_running():
+            return
+        try:
+            dataplane.run(life.shutdown(), LIFESPAN_TIMEOUT_S + 1)
+        except Exception as exc:
+            self.log.warning(
+                "lifespan shutdown failed service={} error={!r}", life.name, exc
+            )
+
+    # -- certificates ---------------------------------------------------------
+
+    def _ask(self, actor: str, verb_name: str, payload: dict[str, Any]) -> Any:
+        return self.runtime.ask(actor, verb_name, payload, timeout=ASK_TIMEOUT_S)
+
+    def _certificate(self, host: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self._ask(
+                "Cryptosaur", "getCertificate", {"domain": host}
+            )
+        except NotFound:
+            return None
+        return found
+
+    def _check_certificates(
+        self, services: tuple[ServiceConfig, ...], *, only_new: bool
+    ) -> None:
+        # One ERROR per host (not per service): a host shared by two services
+        # is one missing certificate.
+        seen: set[str] = set()
+        missing: set[str] = set()
+        for service in services:
+            if service.tls == "none":
+                continue
+            for host in service.hosts:
+                if host in seen:
+                    continue
+                seen.add(host)
+                try:
+                    found = self._certificate(host)
+                except ArcError as exc:
+                    self.log.warning(
+                        "certificate check failed host={} error={}", host, exc
+                    )
+                    continue
+                if found is not None:
+                    continue
+                missing.add(host)
+                if not (only_new and host in self._missing):
+                    self._report_missing(host, service)
+        self._missing = missing
+
+    def _report_missing(self, host: str, service: ServiceConfig) -> None:
+        self.log.error(
+            "host has no certificate; it is served over plain HTTP only until one "
+            "is uploaded host={} service={}",
+            host,
+            service.name,
+        )
