@@ -159,6 +159,7 @@ def test_a_node_with_another_master_key_is_refused(pg_url: str, tmp_path: Path) 
         open_store(settings_for(tmp_path / "two", pg_url))
     # ...or was given some other key.
     other = settings_for(tmp_path / "two", pg_url)
+    other.master_key_file.parent.mkdir(parents=True, exist_ok=True)
     other.master_key_file.write_text("11" * 32 + "\n")
     with pytest.raises(ConfigError, match="does not open this certificate store"):
         open_store(other)
