@@ -145,6 +145,11 @@ class Actor(pykka.ThreadingActor):
         pykka.ActorRegistry.unregister(self.actor_ref)
         self.actor_stopped.set()
 
+    def _actor_loop_setup(self) -> None:
+        super()._actor_loop_setup()
+        if not self.actor_stopped.is_set():
+            self.runtime.actor_started(self.name, self.actor_urn)
+
     def _actor_loop_teardown(self) -> None:
         # Asks still queued when the actor stops must not wait for ever.
         while not self.actor_inbox.empty():

@@ -203,8 +203,11 @@ class Runtime:
                 hearers.remove(name)
 
     def _spawn(self, slot: _Slot) -> None:
-        slot.state = "starting"
-        slot.ref = slot.cls.start(self, self.config, **slot.kwargs)
+        # Hold the lock while the ref is assigned: the new actor's thread
+        # reports itself started through actor_started, which must see it.
+        with self._lock:
+            slot.state = "starting"
+            slot.ref = slot.cls.start(self, self.config, **slot.kwargs)
         log.debug("actor started name={name}", name=slot.cls.name)
 
     def _wait_running(self, slot: _Slot) -> bool:
@@ -217,11 +220,16 @@ class Runtime:
             ref.ask(None, timeout=STOP_TIMEOUT_S * 3)
         except (pykka.ActorDeadError, pykka.Timeout):
             return False
-        if slot.state == "starting":
-            slot.state = "running"
         return bool(ref.is_alive())
 
     # -- supervision ----------------------------------------------------------
+
+    def actor_started(self, name: str, urn: str) -> None:
+        """Called by an actor (in its own thread) once ``on_start`` is done."""
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is not None and slot.ref is not None and slot.ref.actor_urn == urn:
+                slot.state = "running"
 
     def actor_crashed(self, name: str, urn: str, exc: BaseException | None) -> None:
         """Called by a crashing actor (in its own thread) to be restarted."""
