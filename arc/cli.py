@@ -49,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``arcology`` console script."""
     args = parser().parse_args(argv)
+    if args.command == "run":
+        # First, before anything loads OpenSSL: restrict its key-exchange
+        # groups (this may re-execute the process once).
+        from arc.tls.opensslconf import ensure_openssl_conf
+
+        ensure_openssl_conf()
     setup_logging(
         args.log_format if args.command == "run" else "text",
         getattr(args, "log_level", "INFO"),
