@@ -112,6 +112,11 @@ class AdminClient:
             Unreachable: nothing listens there, or TLS failed.
             Unauthorized: the server refused the token.
         """
+        self.open()
+        self.authenticate()
+
+    def open(self) -> None:
+        """Open the connection (and TLS), without authenticating yet."""
         self.close()
         try:
             sock = socket.create_connection(
@@ -136,6 +141,9 @@ class AdminClient:
         self._decoder = answer_decoder()
         self._ready.clear()
         self._inbox.clear()
+
+    def authenticate(self) -> None:
+        """Send the token as the first request; close the connection if refused."""
         try:
             self.ask("AI1.authenticate", {"token": self.token})
         except ArcError:

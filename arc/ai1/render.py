@@ -1,0 +1,330 @@
+"""What ``ai1`` prints: human lines and tables, and the stable ``--json`` shapes.
+
+Human output may change between versions; the JSON shapes may not: each
+``*_json`` function names its fields explicitly (missing ones are ``null``),
+and docs/ai1.md documents them.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any
+
+# The stable fields of `ai1 list --json`, in order.
+LIST_FIELDS = (
+    "domain",
+    "domains",
+    "fingerprint",
+    "not_before",
+    "not_after",
+    "issuer",
+    "subject",
+    "key_type",
+    "days_left",
+)
+# The stable fields of `ai1 show --json`; "chain" holds CHAIN_FIELDS each.
+SHOW_FIELDS = (
+    "domain",
+    "domains",
+    "fingerprint",
+    "not_before",
+    "not_after",
+    "issuer",
+    "subject",
+    "key_type",
+    "chain_length",
+    "reordered",
+    "days_left",
+    "stored_at",
+    "chain",
+)
+CHAIN_FIELDS = ("subject", "issuer", "not_after")
+# A fingerprint is shown shortened in tables; --json and `show` give it whole.
+SHORT_FINGERPRINT = 16
+
+
+# -- JSON ---------------------------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """A value JSON can hold: bytes become text (or base64 when not UTF-8)."""
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dt.datetime):
+        return iso(value)
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Indented JSON with keys in the order given."""
+    return json.dumps(plain(value), indent=2, ensure_ascii=False)
+
+
+def iso(moment: dt.datetime) -> str:
+    """An aware datetime as ``2027-01-01T00:00:00Z``."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _days_left(row: dict[str, Any]) -> int | None:
+    value = row.get("days_left")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    not_after = row.get("not_after")
+    if isinstance(not_after, str):
+        try:
+            moment = dt.datetime.fromisoformat(not_after.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return int((moment - dt.datetime.now(dt.UTC)).total_seconds() // 86400)
+    return None
+
+
+def certificate_json(row: dict[str, Any]) -> dict[str, Any]:
+    """One certificate in the stable shape of ``ai1 list --json``."""
+    out = {name: plain(row.get(name)) for name in LIST_FIELDS}
+    if out["domains"] is None and out["domain"] is not None:
+        out["domains"] = [out["domain"]]
+    out["days_left"] = _days_left(row)
+    return out
+
+
+def list_json(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stable shape of ``ai1 list --json``: sorted by domain."""
+    return sorted(
+        (certificate_json(r) for r in rows), key=lambda r: str(r.get("domain"))
+    )
+
+
+def show_json(detail: dict[str, Any]) -> dict[str, Any]:
+    """The stable shape of ``ai1 show --json``."""
+    out = {name: plain(detail.get(name)) for name in SHOW_FIELDS}
+    out["days_left"] = _days_left(detail)
+    chain = detail.get("chain") or []
+    out["chain"] = [
+        {name: plain(c.get(name)) for name in CHAIN_FIELDS}
+        for c in chain
+        if isinstance(c, dict)
+    ]
+    return out
+
+
+def status_json(status: dict[str, Any]) -> dict[str, Any]:
+    """The stable shape of ``ai1 status --json``."""
+    esper = status.get("esper")
+    esper = esper if isinstance(esper, dict) else None
+    return {
+        "started_at": status.get("started_at"),
+        "uptime_s": status.get("uptime_s"),
+        "failed": status.get("failed"),
+        "actors": [
+            {
+                "name": a.get("name"),
+                "state": a.get("state"),
+                "restarts": a.get("restarts"),
+            }
+            for a in status.get("actors") or []
+            if isinstance(a, dict)
+        ],
+        "admin": plain(status.get("admin")),
+        "listeners": plain(esper.get("listeners")) if esper else None,
+        "cache": plain(esper.get("cache")) if esper else None,
+        "esper_error": status.get("esper_error"),
+    }
+
+
+# -- human ------------------------------------------------------------------
+
+
+def short(fingerprint: Any) -> str:
+    """A fingerprint's first characters, for tables."""
+    text = str(fingerprint or "")
+    return text[:SHORT_FINGERPRINT]
+
+
+def days_text(days: int | None) -> str:
+    """``89 days``, ``expired 3 days ago``."""
+    if days is None:
+        return "?"
+    if days < 0:
+        return f"expired {-days} day{'s' if days != -1 else ''} ago"
+    return f"{days} day{'s' if days != 1 else ''}"
+
+
+def bundle_line(name: str, summary: dict[str, Any]) -> str:
+    """One accepted bundle: ``ok  shop.pem  shop.example.com (+1) ...``."""
+    domains = summary.get("domains") or [summary.get("domain")]
+    extra = f" (+{len(domains) - 1})" if len(domains) > 1 else ""
+    replaced = summary.get("replaced")
+    tail = f", replaced {short(replaced)}" if replaced else ""
+    not_after = str(summary.get("not_after") or "?")[:10]
+    return (
+        f"ok    {name}  {summary.get('domain')}{extra}  {summary.get('key_type')}  "
+        f"until {not_after} ({days_text(_days_left(summary))})  "
+        f"{short(summary.get('fingerprint'))}{tail}"
+    )
+
+
+def failure_line(name: str, message: str) -> str:
+    """One refused bundle: ``FAIL  shop.pem  bundle: ...``."""
+    return f"FAIL  {name}  {message}"
+
+
+def upload_summary(ok: int, failed: int, skipped: int, seconds: float) -> str:
+    """The last line of an upload."""
+    total = ok + failed + skipped
+    rate = f", {ok / seconds:.0f}/s" if seconds > 0 and ok else ""
+    parts = [f"{ok} of {total} bundle{'s' if total != 1 else ''} uploaded"]
+    if failed:
+        parts.append(f"{failed} refused")
+    if skipped:
+        parts.append(f"{skipped} not sent")
+    return f"{', '.join(parts)} in {seconds:.1f} s{rate}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last column is not padded."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in (headers, *rows):
+        cells = [c.ljust(widths[i]) for i, c in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def certificate_table(rows: Sequence[dict[str, Any]]) -> str:
+    """``ai1 list``: one line per domain."""
+    if not rows:
+        return "no certificates stored"
+    body = [
+        [
+            str(r.get("domain")),
+            days_text(r.get("days_left")),
+            str(r.get("not_after") or "?"),
+            str(r.get("key_type") or "?"),
+            short(r.get("fingerprint")),
+            str(r.get("issuer") or "?"),
+        ]
+        for r in list_json(rows)
+    ]
+    headers = ["DOMAIN", "LEFT", "NOT AFTER", "KEY", "FINGERPRINT", "ISSUER"]
+    return table(headers, body)
+
+
+def certificate_detail(detail: dict[str, Any]) -> str:
+    """``ai1 show``: the summary, then the chain; never a key."""
+    shown = show_json(detail)
+    lines = [
+        f"domain       {shown['domain']}",
+        f"domains      {', '.join(shown['domains'] or [])}",
+        f"subject      {shown['subject']}",
+        f"issuer       {shown['issuer']}",
+        f"key          {shown['key_type']}",
+        f"valid        {shown['not_before']} to {shown['not_after']} "
+        f"({days_text(shown['days_left'])} left)",
+        f"fingerprint  {shown['fingerprint']}",
+    ]
+    if shown["stored_at"]:
+        lines.append(f"stored       {shown['stored_at']}")
+    if shown["reordered"]:
+        lines.append("reordered    yes (the chain was uploaded out of order)")
+    lines.append(f"chain        {len(shown['chain'])} certificate(s)")
+    for i, cert in enumerate(shown["chain"]):
+        lines.append(f"  [{i}] subject  {cert['subject']}")
+        lines.append(f"      issuer   {cert['issuer']}")
+        if cert["not_after"]:
+            lines.append(f"      until    {cert['not_after']}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def services_table(services: Any) -> str:
+    """``ai1 services``: one block per service, one line per host."""
+    if not isinstance(services, list) or not services:
+        return "no services" if not services else dumps(services)
+    lines: list[str] = []
+    for service in services:
+        if not isinstance(service, dict):
+            lines.append(_cell(service))
+            continue
+        known = {"name", "hosts"}
+        head = [f"{service.get('name')}"]
+        for key, value in service.items():
+            if key not in known and not isinstance(value, list | dict):
+                head.append(f"{key}={_cell(value)}")
+        lines.append("  ".join(head))
+        for key, value in service.items():
+            if key not in known and isinstance(value, dict):
+                lines.append(f"  {key}: {_cell(value)}")
+        for host in service.get("hosts") or []:
+            lines.append(f"  {_cell(host)}")
+    return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    """``3 d 4 h``, ``12 min 5 s``."""
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"
+
+
+def status_text(status: dict[str, Any]) -> str:
+    """``ai1 status``: uptime, actors, the admin channel, listeners, cache."""
+    shown = status_json(status)
+    uptime = shown["uptime_s"] if isinstance(shown["uptime_s"], int | float) else 0
+    lines = [f"up {duration(uptime)} (since {shown['started_at']})"]
+    if shown["failed"]:
+        lines.append(f"FAILED actor: {shown['failed']}")
+    actors = [
+        [str(a["name"]), str(a["state"]), str(a["restarts"])] for a in shown["actors"]
+    ]
+    lines.append(table(["ACTOR", "STATE", "RESTARTS"], actors))
+    admin = shown["admin"] or {}
+    lines.append(
+        f"admin channel {admin.get('address')} tls={_cell(admin.get('tls'))} "
+        f"connections={admin.get('connections')}"
+    )
+    if shown["esper_error"]:
+        lines.append(f"listeners: unknown ({shown['esper_error']})")
+    else:
+        listeners = shown["listeners"]
+        if isinstance(listeners, list):
+            lines.append(f"listeners: {len(listeners)}")
+            for listener in listeners:
+                lines.append(f"  {_cell(listener)}")
+        elif listeners is not None:
+            lines.append(f"listeners: {_cell(listeners)}")
+        if shown["cache"] is not None:
+            lines.append(f"cache: {_cell(shown['cache'])}")
+    return "\n".join(lines)
