@@ -209,6 +209,7 @@ def test_a_missing_path_is_reported_and_the_rest_still_uploads(
     assert code == EXIT_FAILED
     assert f"FAIL  {tmp_path / 'nope.pem'}  " in out
     assert "ok    " in out
+    assert err == "ai1: upload: 1 of 2 bundles refused\n"
 
 
 def test_check_validates_locally_with_the_upload_messages(
