@@ -26,9 +26,16 @@ Verbs (payloads are msgpack maps; datetimes are ISO 8601 UTC strings):
 - ``checkExpiry {}`` -> the certificates within ``expiry_warning_days`` of
   their end, each also logged as a WARNING. It runs at start and once a day.
 - ``pollChanges {}`` -> the domains another process changed since the last
-  poll, which are announced like local changes. A ticker thread sends it
-  every ``CHANGE_POLL_S`` so that processes sharing one SQLite store follow
-  each other's uploads.
+  poll, which are announced like local changes. The change feed below does
+  this continuously; the verb stays for an on-demand check, and since the
+  feed now tracks this process's own writes, the verb treats every change
+  as foreign (an extra announcement is harmless: a context is rebuilt).
+
+Changes made by other processes and other nodes are heard by the change feed
+(``arc.changefeed``, started in ``on_start``): it announces them like local
+changes within a second, on SQLite and PostgreSQL, and keeps following the
+store through database outages. Own writes are registered with the feed
+(``feed.writing()``) so they are announced once, here.
 
 Every summary: ``domain, domains, fingerprint, not_before, not_after,
 issuer, subject, key_type, chain_length, reordered, days_left``.
@@ -36,9 +43,12 @@ issuer, subject, key_type, chain_length, reordered, days_left``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pykka
@@ -46,6 +56,7 @@ from cryptography import x509
 
 from arc.actor import Actor, Envelope, verb
 from arc.bundle import days_left, iso_utc, parse_bundle
+from arc.changefeed import ChangeFeed
 from arc.config import Config
 from arc.errors import BadInput, NotFound
 from arc.messages import encode_request
@@ -77,6 +88,7 @@ class Cryptosaur(Actor):
         self._own_seqs: set[int] = set()
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
+        self.feed: ChangeFeed | None = None
 
     # -- life -------------------------------------------------------------------
 
@@ -92,6 +104,12 @@ class Cryptosaur(Actor):
             s=self._seen_seq,
         )
         self.check_expiry(None)
+        self.feed = ChangeFeed(
+            settings,
+            lambda domains: self.runtime.announce(CHANGED, {"domains": domains}),
+            start_seq=self._seen_seq,
+        )
+        self.feed.start()
         self._ticker = threading.Thread(
             target=self._tick, name="cryptosaur-ticker", daemon=True
         )
@@ -102,6 +120,9 @@ class Cryptosaur(Actor):
         self._stopping.set()
         if self._ticker is not None and self._ticker is not threading.current_thread():
             self._ticker.join(timeout=5.0)
+        if self.feed is not None:
+            self.feed.stop()
+            self.feed = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -111,7 +132,6 @@ class Cryptosaur(Actor):
         # by the actor's thread alone.
         next_expiry = time.monotonic() + EXPIRY_CHECK_INTERVAL_S
         while not self._stopping.wait(CHANGE_POLL_S):
-            self._tell_self("pollChanges")
             if time.monotonic() >= next_expiry:
                 next_expiry += EXPIRY_CHECK_INTERVAL_S
                 self._tell_self("checkExpiry")
@@ -121,6 +141,12 @@ class Cryptosaur(Actor):
             self.actor_ref.tell(Envelope(encode_request(f"{self.name}.{action}", {})))
         except pykka.ActorDeadError:
             self._stopping.set()
+
+    def _writing(self) -> AbstractContextManager[Callable[[Iterable[int]], None]]:
+        # Holds the change feed back while a write of ours is registered.
+        if self.feed is None:
+            return contextlib.nullcontext(lambda _seqs: None)
+        return self.feed.writing()
 
     def _store(self) -> Store:
         if self.store is None:
@@ -158,8 +184,9 @@ class Cryptosaur(Actor):
 
         # Every check happens before the one write; a refusal stores nothing.
         bundle = parse_bundle(data, domains=domains, passphrase=passphrase)
-        seq, replaced = self._store().put(bundle)
-        self._own_seqs.update(range(seq - len(bundle.domains) + 1, seq + 1))
+        with self._writing() as mine:
+            seq, replaced = self._store().put(bundle)
+            mine(range(seq - len(bundle.domains) + 1, seq + 1))
         self.runtime.announce(CHANGED, {"domains": list(bundle.domains)})
 
         self.log.info(
@@ -198,14 +225,15 @@ class Cryptosaur(Actor):
         """Delete the certificate stored for exactly a domain, with its domains."""
         domain = normalise_domain(_domain_field(payload, "deleteCertificate"))
         store = self._store()
-        before = store.current_seq()
-        deleted = store.delete(domain)
-        if not deleted:
-            raise NotFound(f"no certificate stored for {domain}")
-        after = store.current_seq()
-        if after - before == len(deleted):
-            # No other process wrote in between: these changes are ours.
-            self._own_seqs.update(range(before + 1, after + 1))
+        with self._writing() as mine:
+            before = store.current_seq()
+            deleted = store.delete(domain)
+            if not deleted:
+                raise NotFound(f"no certificate stored for {domain}")
+            after = store.current_seq()
+            if after - before == len(deleted):
+                # No other process wrote in between: these changes are ours.
+                mine(range(before + 1, after + 1))
         self.runtime.announce(CHANGED, {"domains": deleted})
         self.log.info("certificate deleted domains={d}", d=",".join(deleted))
         return {"deleted": deleted}
