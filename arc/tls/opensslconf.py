@@ -16,7 +16,10 @@ calls, before importing anything else of Arcology:
   returns: OpenSSL will read it on first use;
 - otherwise (something initialised OpenSSL already) it re-executes the same
   command line with the variable set, so the new process reads it from the
-  start. ``os.execve`` keeps the process id.
+  start. ``os.execve`` keeps the process id. It does so only when the process
+  is the ``arcology`` command itself (``sys.argv[0]`` ends in ``arcology`` or
+  the process runs ``-m arc.cli``): called from a host program (a test
+  calling ``arc.cli.main``), it leaves the process alone and answers False.
 
 What always holds: after it returns, every context the process builds offers
 only X25519, P-256 and P-384 (tests/arc/tls/test_context.py checks this with
@@ -40,6 +43,8 @@ OPENSSL_CONF_PATH = Path(__file__).with_name("openssl.cnf")
 ALLOWED_GROUPS = ("X25519", "P-256", "P-384")
 # Guards against a re-exec loop if the environment is not carried over.
 _REEXEC_MARK = "ARCOLOGY_OPENSSL_REEXEC"
+# What the process was started with; only this module changes it afterwards.
+_INHERITED_CONF = os.environ.get("OPENSSL_CONF")
 
 
 def _libcrypto_loaded() -> bool:
@@ -53,23 +58,36 @@ def _libcrypto_loaded() -> bool:
     return "libcrypto.so" in maps
 
 
-def ensure_openssl_conf() -> None:
+def _is_arcology_command() -> bool:
+    """Whether this process is the ``arcology`` command (safe to re-execute)."""
+    if Path(sys.argv[0]).name == "arcology":
+        return True
+    argv = sys.orig_argv
+    return "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["arc.cli"]
+
+
+def ensure_openssl_conf() -> bool:
     """Make OpenSSL read ``arc/tls/openssl.cnf``, re-executing if needed.
 
     Call it at the very start of the ``arcology`` command, before any import
     that may load ``ssl`` or ``hashlib``.
+
+    Returns:
+        True when OpenSSL in this process reads the file (or will, on first
+        use); False when OpenSSL was loaded before and the process could not
+        be re-executed (a host program, or a second attempt).
     """
     wanted = str(OPENSSL_CONF_PATH)
-    if os.environ.get("OPENSSL_CONF") == wanted:
-        return
-    os.environ["OPENSSL_CONF"] = wanted
+    if wanted == _INHERITED_CONF:
+        os.environ.pop(_REEXEC_MARK, None)
+        return True
     if not _libcrypto_loaded():
-        return
-    if os.environ.get(_REEXEC_MARK):
-        # Already re-executed once and OpenSSL was still loaded first: carry
-        # on with OpenSSL's defaults rather than loop.
-        return
-    os.environ[_REEXEC_MARK] = "1"
+        os.environ["OPENSSL_CONF"] = wanted
+        return True
+    if os.environ.get(_REEXEC_MARK) or not _is_arcology_command():
+        return False
+    environment = dict(os.environ, OPENSSL_CONF=wanted)
+    environment[_REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], os.environ)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)

@@ -156,11 +156,12 @@ def test_building_leaves_no_descriptor_open() -> None:
 GROUP_PROBE = textwrap.dedent(
     """
     import sys
+    sys.path.insert(0, {root!r})
     {prelude}
     from arc.tls.opensslconf import ensure_openssl_conf
-    ensure_openssl_conf()
+    print("configured", ensure_openssl_conf())
     import ssl
-    from arc.tls.context import INTERMEDIATE_CIPHERS, build_context
+    from arc.tls.context import build_context
     from tests.certs import make_chain
     from tests.arc.tls.test_context import handshake
 
@@ -176,16 +177,19 @@ GROUP_PROBE = textwrap.dedent(
             print(curve, "refused", exc.reason)
     """
 )
+LOAD_OPENSSL = "import hashlib; hashlib.sha256(b'').digest()"
+RESTRICTED = [
+    "configured True",
+    "secp521r1 refused NO_SUITABLE_KEY_SHARE",
+    "prime256v1 ok",
+]
 
 
-@pytest.mark.parametrize(
-    "prelude", ["", "import hashlib; hashlib.sha256(b'').digest()"]
-)
-def test_the_openssl_configuration_restricts_the_groups(prelude: str) -> None:
+def run_probe(script: Path) -> list[str]:
+    """Run a probe script with no OPENSSL_CONF inherited; return its lines."""
     environment = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
-
     probe = subprocess.run(
-        [sys.executable, "-c", GROUP_PROBE.format(prelude=prelude)],
+        [sys.executable, str(script)],
         cwd=ROOT,
         env=environment,
         capture_output=True,
@@ -193,26 +197,30 @@ def test_the_openssl_configuration_restricts_the_groups(prelude: str) -> None:
         timeout=60,
         check=True,
     )
+    return probe.stdout.splitlines()
 
-    assert probe.stdout.splitlines() == [
-        "secp521r1 refused NO_SUITABLE_KEY_SHARE",
-        "prime256v1 ok",
-    ]
+
+def test_the_configuration_restricts_groups_when_set_before_openssl_loads(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "probe.py"
+    script.write_text(GROUP_PROBE.format(root=str(ROOT), prelude=""))
+
+    assert run_probe(script) == RESTRICTED
     assert OPENSSL_CONF_PATH.is_file()
 
 
-def test_without_the_configuration_p521_would_be_accepted() -> None:
-    environment = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
-    script = GROUP_PROBE.replace("ensure_openssl_conf()", "").format(prelude="")
+def test_the_arcology_command_re_executes_itself_when_openssl_loaded_first(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "arcology"
+    script.write_text(GROUP_PROBE.format(root=str(ROOT), prelude=LOAD_OPENSSL))
 
-    probe = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    assert run_probe(script) == RESTRICTED
 
-    assert probe.stdout.splitlines()[0] == "secp521r1 ok"
+
+def test_a_host_program_is_never_re_executed_and_is_told_so(tmp_path: Path) -> None:
+    script = tmp_path / "host.py"
+    script.write_text(GROUP_PROBE.format(root=str(ROOT), prelude=LOAD_OPENSSL))
+
+    assert run_probe(script) == ["configured False", "secp521r1 ok", "prime256v1 ok"]
