@@ -41,6 +41,12 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("ARCOLOGY_LOG_LEVEL", "INFO"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
     )
+    run.add_argument(
+        "--workers",
+        default="1",
+        help='processes sharing every port: a number or "auto" (one per CPU); '
+        "see arc/workers.py (default 1: no parent process)",
+    )
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("--config", type=Path, default=None)
     return top
@@ -68,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         source = config.path or "embedded defaults"
         print(f"{source}: ok ({len(config.services)} services)")
         return EXIT_OK
+    from arc import workers
+
+    workers.tag_worker_logs()
+    try:
+        count = workers.parse_count(args.workers)
+    except ArcError as exc:
+        print(f"arcology: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if count > 1 and workers.worker_index() is None:
+        child = ["run", "--log-format", args.log_format, "--log-level", args.log_level]
+        child += ["--config", str(config.path)] if config.path else []
+        return workers.run_workers(count, child)
     return run(config)
 
 
@@ -75,6 +93,7 @@ def run(config: Config) -> int:
     """Run one Arcology process until SIGINT or SIGTERM; return the exit code."""
     from arc.runtime import Runtime
     from arc.system import core_actors
+    from arc.workers import report_ready, worker_actors
 
     runtime = Runtime(config)
 
@@ -93,7 +112,7 @@ def run(config: Config) -> int:
     source = config.path or "embedded defaults"
     log.info("starting config={c} data_dir={d}", c=source, d=config.arcology.data_dir)
     try:
-        runtime.start(core_actors())
+        runtime.start(worker_actors(core_actors()))
     except ArcError as exc:
         log.error("cannot start: {m}", m=exc.message)
         runtime.stop()
@@ -102,6 +121,7 @@ def run(config: Config) -> int:
 
     start_plugins(runtime, config)
     log.info("running actors={a} pid={p}", a=",".join(runtime.names()), p=os.getpid())
+    report_ready()
 
     # The main thread only waits: signals land here, everything else runs
     # in the actors' threads and the data plane loop.
