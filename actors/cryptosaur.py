@@ -24,12 +24,9 @@ Verbs (payloads are msgpack maps; datetimes are ISO 8601 UTC strings):
   domain (exact then wildcard) and its ``chain`` as ``[{subject, issuer,
   not_after}]``; never the key.
 - ``checkExpiry {}`` -> the certificates within ``expiry_warning_days`` of
-  their end, each also logged as a WARNING. It runs at start and once a day.
-- ``pollChanges {}`` -> the domains another process changed since the last
-  poll, which are announced like local changes. The change feed below does
-  this continuously; the verb stays for an on-demand check, and since the
-  feed now tracks this process's own writes, the verb treats every change
-  as foreign (an extra announcement is harmless: a context is rebuilt).
+  their end, each also logged as a WARNING (one line per certificate). It
+  runs at start and then once a day, sent by a ticker thread that stops in
+  ``on_stop``.
 
 Changes made by other processes and other nodes are heard by the change feed
 (``arc.changefeed``, started in ``on_start``): it announces them like local
@@ -46,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
-import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -65,15 +61,10 @@ from arc.runtime import Runtime
 from arc.store import Store, lookup, open_store
 
 CHANGED = "Cryptosaur.certificateChanged"
-# Other processes' uploads are noticed within this long; a poll is one
-# indexed query.
-CHANGE_POLL_S = 1.0
 EXPIRY_CHECK_INTERVAL_S = 86_400.0
 # A store where thousands expire at once gets this many WARNING lines and a
 # count, not thousands of lines.
 MAX_EXPIRY_LINES = 50
-# Changes read per poll; more are read on the next tick.
-POLL_BATCH = 1000
 
 
 class Cryptosaur(Actor):
@@ -84,8 +75,6 @@ class Cryptosaur(Actor):
     def __init__(self, runtime: Runtime, config: Config) -> None:
         super().__init__(runtime, config)
         self.store: Store | None = None
-        self._seen_seq = 0
-        self._own_seqs: set[int] = set()
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
         self.feed: ChangeFeed | None = None
@@ -96,18 +85,18 @@ class Cryptosaur(Actor):
         """Open the store, warn about expiring certificates, start the ticker."""
         settings = self.config.arcology
         self.store = open_store(settings)
-        self._seen_seq = self.store.current_seq()
+        seq = self.store.current_seq()
         self.log.debug(
             "store opened kind={k} data_dir={d} seq={s}",
             k=settings.store,
             d=settings.data_dir,
-            s=self._seen_seq,
+            s=seq,
         )
         self.check_expiry(None)
         self.feed = ChangeFeed(
             settings,
             lambda domains: self.runtime.announce(CHANGED, {"domains": domains}),
-            start_seq=self._seen_seq,
+            start_seq=seq,
         )
         self.feed.start()
         self._ticker = threading.Thread(
@@ -130,11 +119,8 @@ class Cryptosaur(Actor):
     def _tick(self) -> None:
         # Runs in its own thread and only sends messages: the store is used
         # by the actor's thread alone.
-        next_expiry = time.monotonic() + EXPIRY_CHECK_INTERVAL_S
-        while not self._stopping.wait(CHANGE_POLL_S):
-            if time.monotonic() >= next_expiry:
-                next_expiry += EXPIRY_CHECK_INTERVAL_S
-                self._tell_self("checkExpiry")
+        while not self._stopping.wait(EXPIRY_CHECK_INTERVAL_S):
+            self._tell_self("checkExpiry")
 
     def _tell_self(self, action: str) -> None:
         try:
@@ -290,17 +276,11 @@ class Cryptosaur(Actor):
         """Log a WARNING per certificate near its end; return them."""
         warning_days = self.config.arcology.expiry_warning_days
         now = dt.datetime.now(dt.UTC)
-        expiring: dict[str, dict[str, Any]] = {}
-        for row in self._store().list():
-            left = days_left(dt.datetime.fromisoformat(row["not_after"]), now)
-            if left < warning_days and row["fingerprint"] not in expiring:
-                expiring[row["fingerprint"]] = {
-                    "domains": row["domains"],
-                    "fingerprint": row["fingerprint"],
-                    "not_after": row["not_after"],
-                    "days_left": left,
-                }
-        found = sorted(expiring.values(), key=lambda item: item["days_left"])
+        found = self._store().expiring(now + dt.timedelta(days=warning_days))
+        for item in found:
+            item["days_left"] = days_left(
+                dt.datetime.fromisoformat(item["not_after"]), now
+            )
         for item in found[:MAX_EXPIRY_LINES]:
             state = "expired" if item["days_left"] < 0 else "expires soon"
             self.log.warning(
@@ -319,24 +299,6 @@ class Cryptosaur(Actor):
                 s=MAX_EXPIRY_LINES,
             )
         return found
-
-    @verb("pollChanges")
-    def poll_changes(self, payload: Any) -> Any:
-        """Announce what other processes changed in the shared store."""
-        changes = self._store().changes_since(self._seen_seq, POLL_BATCH)
-        foreign: list[str] = []
-        for seq, domain in changes:
-            self._seen_seq = seq
-            if seq in self._own_seqs:
-                self._own_seqs.discard(seq)
-            elif domain not in foreign:
-                foreign.append(domain)
-        if foreign:
-            self.log.debug(
-                "changes from another process domains={d}", d=",".join(foreign)
-            )
-            self.runtime.announce(CHANGED, {"domains": foreign})
-        return {"domains": foreign}
 
 
 def _fields(payload: Any, verb_name: str, allowed: set[str]) -> dict[str, Any]:

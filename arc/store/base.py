@@ -19,6 +19,10 @@ bundle at its certificate in one transaction; a certificate no domain points
 at any more is removed in that same transaction. Every domain written or
 deleted adds a row to *changes* with the next sequence number, which is how
 other processes (and other nodes) learn what to drop from their caches.
+
+A backend may also offer ``expiring(before)`` (same shape as
+``Store.expiring``) to answer the daily expiry check from an index;
+``SealedStore`` filters ``list()`` for a backend without it.
 """
 
 from __future__ import annotations
@@ -152,6 +156,11 @@ class Store(Protocol):
 
     def domains_of(self, fingerprint: str) -> Domains:
         """The domains pointing at the certificate ``fingerprint``, sorted."""
+        ...
+
+    def expiring(self, before: dt.datetime) -> Summaries:
+        """Certificates ending before ``before`` as ``{fingerprint, not_after,
+        domains}``, soonest first."""
         ...
 
     def changes_since(self, seq: int, limit: int = 1000) -> Changes:

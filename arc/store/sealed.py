@@ -9,6 +9,7 @@ never sees a plaintext key, so any backend inherits encryption at rest.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from arc.bundle import Bundle
 from arc.errors import Internal
@@ -86,6 +87,30 @@ class SealedStore:
     def list(self) -> Summaries:
         """One summary per domain, sorted by domain."""
         return self.backend.list()
+
+    def expiring(self, before: dt.datetime) -> Summaries:
+        """Certificates ending before ``before``, soonest first.
+
+        Each is ``{fingerprint, not_after, domains}``. A backend with its own
+        ``expiring`` answers from an index; otherwise the list is filtered.
+        """
+        own = getattr(self.backend, "expiring", None)
+        if own is not None:
+            return list(own(before))
+        found: dict[str, dict[str, Any]] = {}
+        for row in self.backend.list():
+            not_after = dt.datetime.fromisoformat(row["not_after"])
+            if not_after < before:
+                entry = found.setdefault(
+                    row["fingerprint"],
+                    {
+                        "fingerprint": row["fingerprint"],
+                        "not_after": row["not_after"],
+                        "domains": [],
+                    },
+                )
+                entry["domains"].append(row["domain"])
+        return sorted(found.values(), key=lambda e: str(e["not_after"]))
 
     def domains_of(self, fingerprint: str) -> Domains:
         """The domains pointing at the certificate ``fingerprint``, sorted."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import os
 import signal
 import sqlite3
@@ -434,3 +435,47 @@ def test_every_upload_acknowledged_before_a_sigkill_is_there_after_reopening(
 
     assert missing == []
     assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_expiring_lists_only_certificates_ending_before_the_moment(
+    store: Store,
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    soon = make_chain(
+        "soon.example", "www.soon.example", not_after=now + dt.timedelta(days=3)
+    )
+    later = make_chain("later.example", not_after=now + dt.timedelta(days=60))
+    store.put(bundle_of(later))
+    store.put(bundle_of(soon))
+
+    found = store.expiring(now + dt.timedelta(days=30))
+
+    assert found == [
+        {
+            "fingerprint": soon.fingerprint,
+            "not_after": soon.leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "domains": ["soon.example", "www.soon.example"],
+        }
+    ]
+    assert [e["fingerprint"] for e in store.expiring(now + dt.timedelta(days=90))] == [
+        soon.fingerprint,
+        later.fingerprint,
+    ]
+
+
+def test_a_store_of_an_older_schema_is_migrated_on_open(data_dir: Path) -> None:
+    store = open_store(settings_for(data_dir))
+    store.put(bundle_of(make_chain("old.example")))
+    store.close()
+    with sqlite3.connect(data_dir / FILE_NAME) as db:
+        db.execute("DROP INDEX certificates_by_not_after")
+        db.execute("PRAGMA user_version = 1")
+
+    reopened = open_store(settings_for(data_dir))
+    found = reopened.get("old.example")
+    reopened.close()
+
+    assert found is not None
+    assert db_rows(data_dir, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    indexes = db_rows(data_dir, "SELECT name FROM sqlite_master WHERE type = 'index'")
+    assert ("certificates_by_not_after",) in indexes
