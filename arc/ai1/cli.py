@@ -425,7 +425,7 @@ def cmd_services(session: Session, args: argparse.Namespace) -> int:
     """The services, their hosts and TLS status."""
     services = session.ask("Hyperion.services", {})
     if args.json:
-        session.print(render.dumps(services))
+        session.print(render.dumps(render.services_json(services)))
     else:
         session.print(render.services_table(services))
     return EXIT_OK
@@ -444,7 +444,7 @@ def cmd_status(session: Session, args: argparse.Namespace) -> int:
 def cmd_reload(session: Session, args: argparse.Namespace) -> int:
     """Reload the service definitions."""
     result = session.ask("Hyperion.reload", {})
-    session.print(f"reloaded: {render.dumps(result)}")
+    session.print(f"reloaded: {render.cells(result)}")
     return EXIT_OK
 
 

@@ -42,6 +42,12 @@ SHOW_FIELDS = (
     "chain",
 )
 CHAIN_FIELDS = ("subject", "issuer", "not_after")
+# `ai1 services --json`: each service, and each of its hosts.
+SERVICE_FIELDS = ("name", "tls", "port", "tlsPort", "hosts")
+HOST_FIELDS = ("host", "certificate", "days_left")
+# `ai1 status --json`: each listener, and Esper's connection counters.
+LISTENER_FIELDS = ("port", "tls", "owner", "addresses")
+CONNECTION_FIELDS = ("connections_open", "handshakes", "handshake_failures", "rejected")
 # A fingerprint is shown shortened in tables; --json and `show` give it whole.
 SHORT_FINGERPRINT = 16
 
@@ -136,10 +142,36 @@ def status_json(status: dict[str, Any]) -> dict[str, Any]:
             if isinstance(a, dict)
         ],
         "admin": plain(status.get("admin")),
-        "listeners": plain(esper.get("listeners")) if esper else None,
+        "listeners": [
+            {name: plain(listener.get(name)) for name in LISTENER_FIELDS}
+            for listener in (esper.get("listeners") or [])
+            if isinstance(listener, dict)
+        ]
+        if esper
+        else None,
         "cache": plain(esper.get("cache")) if esper else None,
+        "connections": {name: esper.get(name) for name in CONNECTION_FIELDS}
+        if esper
+        else None,
         "esper_error": status.get("esper_error"),
     }
+
+
+def services_json(services: Any) -> list[dict[str, Any]]:
+    """The stable shape of ``ai1 services --json``."""
+    out = []
+    for service in services if isinstance(services, list) else []:
+        if not isinstance(service, dict):
+            continue
+        entry = {name: plain(service.get(name)) for name in SERVICE_FIELDS}
+        entry["hosts"] = [
+            {name: plain(host.get(name)) for name in HOST_FIELDS}
+            if isinstance(host, dict)
+            else {"host": plain(host), "certificate": None, "days_left": None}
+            for host in service.get("hosts") or []
+        ]
+        out.append(entry)
+    return out
 
 
 # -- human ------------------------------------------------------------------
@@ -249,6 +281,11 @@ def certificate_detail(detail: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cells(value: Any) -> str:
+    """A value on one line: ``opened=[8443] closed=[] unchanged=[8080]``."""
+    return _cell(value)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -262,26 +299,45 @@ def _cell(value: Any) -> str:
 
 
 def services_table(services: Any) -> str:
-    """``ai1 services``: one block per service, one line per host."""
-    if not isinstance(services, list) or not services:
-        return "no services" if not services else dumps(services)
-    lines: list[str] = []
-    for service in services:
-        if not isinstance(service, dict):
-            lines.append(_cell(service))
-            continue
-        known = {"name", "hosts"}
-        head = [f"{service.get('name')}"]
-        for key, value in service.items():
-            if key not in known and not isinstance(value, list | dict):
-                head.append(f"{key}={_cell(value)}")
-        lines.append("  ".join(head))
-        for key, value in service.items():
-            if key not in known and isinstance(value, dict):
-                lines.append(f"  {key}: {_cell(value)}")
-        for host in service.get("hosts") or []:
-            lines.append(f"  {_cell(host)}")
-    return "\n".join(lines)
+    """``ai1 services``: one line per host of each service."""
+    shown = services_json(services)
+    if not shown:
+        return "no services"
+    rows = []
+    for service in shown:
+        ports = [str(service["port"]) if service["port"] else "-"]
+        if service["tlsPort"]:
+            ports.append(f"{service['tlsPort']}/tls")
+        for host in service["hosts"] or [{"host": "-"}]:
+            certificate = host.get("certificate")
+            rows.append(
+                [
+                    str(service["name"]),
+                    str(host.get("host")),
+                    str(service["tls"]),
+                    " ".join(ports),
+                    "-" if service["tls"] == "none" else str(certificate or "-"),
+                    days_text(host.get("days_left"))
+                    if host.get("days_left") is not None
+                    else "-",
+                ]
+            )
+    headers = ["SERVICE", "HOST", "TLS", "PORTS", "CERTIFICATE", "LEFT"]
+    return table(headers, rows)
+
+
+def _addresses(value: Any) -> str:
+    """``[["127.0.0.1", 8443], ["::1", 8443]]`` as ``127.0.0.1:8443 [::1]:8443``."""
+    if not isinstance(value, list):
+        return _cell(value)
+    out = []
+    for item in value:
+        if isinstance(item, list | tuple) and len(item) >= 2:
+            host = str(item[0])
+            out.append(f"[{host}]:{item[1]}" if ":" in host else f"{host}:{item[1]}")
+        else:
+            out.append(_cell(item))
+    return " ".join(out) or "-"
 
 
 def duration(seconds: float) -> str:
@@ -318,13 +374,16 @@ def status_text(status: dict[str, Any]) -> str:
     if shown["esper_error"]:
         lines.append(f"listeners: unknown ({shown['esper_error']})")
     else:
-        listeners = shown["listeners"]
-        if isinstance(listeners, list):
-            lines.append(f"listeners: {len(listeners)}")
-            for listener in listeners:
-                lines.append(f"  {_cell(listener)}")
-        elif listeners is not None:
-            lines.append(f"listeners: {_cell(listeners)}")
+        listeners = shown["listeners"] or []
+        lines.append(f"listeners: {len(listeners)}")
+        for listener in listeners:
+            kind = "tls" if listener["tls"] else "plain"
+            lines.append(
+                f"  {listener['port']} {kind} on {_addresses(listener['addresses'])}"
+                f" (owner {_cell(listener['owner'])})"
+            )
         if shown["cache"] is not None:
             lines.append(f"cache: {_cell(shown['cache'])}")
+        if shown["connections"] is not None:
+            lines.append(f"connections: {_cell(shown['connections'])}")
     return "\n".join(lines)
