@@ -2,10 +2,11 @@
 
 ``serving(tmp_path, ...)`` opens a TLS port on 127.0.0.1, builds a
 configuration whose services listen on it (static files answering
-``hello from <service>``), starts a real ``DataPlane`` (uvloop, real
-``HttpProtocol``) and a ``TlsListener`` whose cache fetches from a
-``DictStore``. Clients are real: Python's ssl module and ``openssl
-s_client``.
+``hello from site``), starts a real ``DataPlane`` (uvloop, real
+``HttpProtocol``) and a ``TlsListener`` whose cache fetches from the real
+Cryptosaur; Cryptosaur's change announcements invalidate the cache on the
+loop, as Esper wires them. Clients are real: Python's ssl module and
+``openssl s_client``.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from actors.cryptosaur import CHANGED
 from arc.config import Config
 from arc.dataplane import DataPlane
 from arc.http.routing import RoutingTable
 from arc.tls.accept import ConnectionStats, TlsListener
 from arc.tls.cache import ContextCache
 from arc.tls.listener import open_sockets
-from tests.arc.tls.stores import DictStore
+from tests.arc.tls.stores import CryptosaurSource, cryptosaur_source
 from tests.certs import default_ca
 
 CLIENT_TIMEOUT_S = 10.0
@@ -37,7 +40,7 @@ class Serving:
 
     port: int
     plane: DataPlane
-    store: DictStore
+    store: CryptosaurSource
     cache: ContextCache
     listener: TlsListener
     stats: ConnectionStats
@@ -61,15 +64,6 @@ class Serving:
         except BaseException:
             raw.close()
             raise
-
-    def invalidate(self, *domains: str) -> None:
-        """Tell the cache, on its loop, that ``domains`` changed."""
-        self.plane.loop.call_soon_threadsafe(self.cache.invalidate, list(domains))
-        self.plane.run(_noop())
-
-
-async def _noop() -> None:
-    return None
 
 
 def request(tls: socket.socket, host: str) -> tuple[str, bytes]:
@@ -160,8 +154,14 @@ def serving(
     plane = DataPlane(config)
     plane.start()
     plane.install_routes(RoutingTable.build(config.services, config.arcology))
-    store = DictStore()
+    stack = ExitStack()
+    store = stack.enter_context(cryptosaur_source(tmp_path))
     cache = ContextCache(store.fetch)
+
+    def changed(payload: Any) -> None:
+        plane.loop.call_soon_threadsafe(cache.invalidate, payload["domains"])
+
+    store.runtime.subscribe(CHANGED, changed)
     stats = ConnectionStats()
     listener = TlsListener(
         plane,
@@ -180,3 +180,4 @@ def serving(
     finally:
         plane.call(listener.close)
         plane.stop()
+        stack.close()

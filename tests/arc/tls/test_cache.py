@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from arc.errors import BadInput, NotFound
 from arc.tls.cache import ContextCache
-from tests.arc.tls.stores import DictStore
+from tests.arc.tls.stores import CryptosaurSource, cryptosaur_source
 from tests.certs import make_chain, make_key
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CryptosaurSource]:
+    with cryptosaur_source(tmp_path) as source:
+        yield source
 
 
 class Clock:
@@ -24,8 +33,7 @@ class Clock:
         return self.now
 
 
-def test_a_miss_fetches_once_then_hits() -> None:
-    store = DictStore()
+def test_a_miss_fetches_once_then_hits(store: CryptosaurSource) -> None:
     store.add("shop.example.com")
     cache = ContextCache(store.fetch)
 
@@ -47,8 +55,9 @@ def test_a_miss_fetches_once_then_hits() -> None:
     }
 
 
-def test_concurrent_misses_for_one_name_share_one_fetch() -> None:
-    store = DictStore()
+def test_concurrent_misses_for_one_name_share_one_fetch(
+    store: CryptosaurSource,
+) -> None:
     store.add("busy.example.com")
     store.delay_s = 0.05
     cache = ContextCache(store.fetch)
@@ -65,8 +74,9 @@ def test_concurrent_misses_for_one_name_share_one_fetch() -> None:
     assert len(set(map(id, contexts))) == 1
 
 
-def test_names_under_one_wildcard_share_a_context_and_drop_together() -> None:
-    store = DictStore()
+def test_names_under_one_wildcard_share_a_context_and_drop_together(
+    store: CryptosaurSource,
+) -> None:
     store.add("*.example.com")
     cache = ContextCache(store.fetch)
 
@@ -83,8 +93,9 @@ def test_names_under_one_wildcard_share_a_context_and_drop_together() -> None:
     asyncio.run(scenario())
 
 
-def test_an_exact_certificate_replaces_the_wildcard_for_its_name() -> None:
-    store = DictStore()
+def test_an_exact_certificate_replaces_the_wildcard_for_its_name(
+    store: CryptosaurSource,
+) -> None:
     store.add("*.example.com")
     cache = ContextCache(store.fetch)
 
@@ -97,8 +108,9 @@ def test_an_exact_certificate_replaces_the_wildcard_for_its_name() -> None:
     assert asyncio.run(scenario()) == "a.example.com"
 
 
-def test_a_name_without_certificate_is_remembered_for_the_negative_ttl() -> None:
-    store = DictStore()
+def test_a_name_without_certificate_is_remembered_for_the_negative_ttl(
+    store: CryptosaurSource,
+) -> None:
     clock = Clock()
     cache = ContextCache(store.fetch, negative_ttl_s=5.0, clock=clock)
 
@@ -115,8 +127,9 @@ def test_a_name_without_certificate_is_remembered_for_the_negative_ttl() -> None
     assert cache.negative_hits == 1
 
 
-def test_a_new_wildcard_clears_negative_entries_one_label_below() -> None:
-    store = DictStore()
+def test_a_new_wildcard_clears_negative_entries_one_label_below(
+    store: CryptosaurSource,
+) -> None:
     cache = ContextCache(store.fetch)
 
     async def scenario() -> str:
@@ -129,8 +142,9 @@ def test_a_new_wildcard_clears_negative_entries_one_label_below() -> None:
     assert asyncio.run(scenario()) == "*.example.com"
 
 
-def test_the_least_recently_used_entry_is_evicted_at_the_bound() -> None:
-    store = DictStore()
+def test_the_least_recently_used_entry_is_evicted_at_the_bound(
+    store: CryptosaurSource,
+) -> None:
     for name in ("one.example", "two.example", "three.example"):
         store.add(name)
     cache = ContextCache(store.fetch, size=2)
@@ -149,8 +163,7 @@ def test_the_least_recently_used_entry_is_evicted_at_the_bound() -> None:
     assert len(cache) == 2
 
 
-def test_an_entry_is_fetched_again_after_its_ttl() -> None:
-    store = DictStore()
+def test_an_entry_is_fetched_again_after_its_ttl(store: CryptosaurSource) -> None:
     store.add("ttl.example")
     clock = Clock()
     cache = ContextCache(store.fetch, ttl_s=60.0, clock=clock)
@@ -167,32 +180,46 @@ def test_an_entry_is_fetched_again_after_its_ttl() -> None:
     assert store.calls == ["ttl.example"] * 2
 
 
-def test_a_fetch_in_flight_during_invalidation_is_not_cached() -> None:
-    store = DictStore()
+def test_a_fetch_in_flight_during_invalidation_is_not_cached(
+    store: CryptosaurSource,
+) -> None:
     old = store.add("race.example")
-    store.delay_s = 0.05
+    new = old
+    store.delay_s = 0.1
     cache = ContextCache(store.fetch)
 
     async def scenario() -> tuple[str | None, str | None]:
+        nonlocal new
         waiting = asyncio.ensure_future(cache.get("race.example"))
         await asyncio.sleep(0.01)
-        store.chains["race.example"] = make_chain("race.example")
+        new = await asyncio.to_thread(store.add, "race.example")
         cache.invalidate(["race.example"])
         stale = await waiting
         fresh = await cache.get("race.example")
+        assert fresh.fingerprint == new.fingerprint
         return stale.fingerprint, fresh.fingerprint
 
     stale, fresh = asyncio.run(scenario())
 
     assert stale == old.fingerprint
-    assert fresh == store.chains["race.example"].fingerprint != old.fingerprint
+    assert fresh != old.fingerprint
 
 
 def test_a_key_that_does_not_match_is_refused_and_remembered() -> None:
-    store = DictStore()
-    chain = store.add("broken.example")
-    store.chains["broken.example"] = dataclasses.replace(chain, key=make_key())
-    cache = ContextCache(store.fetch)
+    # Cryptosaur refuses such bundles at upload; this answer stands for a
+    # store damaged behind its back.
+    chain = make_chain("broken.example")
+    calls: list[str] = []
+
+    async def damaged(name: str) -> Mapping[str, Any]:
+        calls.append(name)
+        return {
+            "domain": name,
+            "chain_pem": chain.chain_pem,
+            "key_pem": dataclasses.replace(chain, key=make_key()).key_pem,
+        }
+
+    cache = ContextCache(damaged)
 
     async def scenario() -> None:
         with pytest.raises(BadInput, match="does not match"):
@@ -202,11 +229,10 @@ def test_a_key_that_does_not_match_is_refused_and_remembered() -> None:
 
     asyncio.run(scenario())
 
-    assert store.calls == ["broken.example"]
+    assert calls == ["broken.example"]
 
 
-def test_contexts_can_be_built_in_a_worker_thread() -> None:
-    store = DictStore()
+def test_contexts_can_be_built_in_a_worker_thread(store: CryptosaurSource) -> None:
     store.add("thread.example")
     with concurrent.futures.ThreadPoolExecutor(1) as executor:
         cache = ContextCache(store.fetch, executor=executor)
@@ -216,8 +242,7 @@ def test_contexts_can_be_built_in_a_worker_thread() -> None:
     assert entry.domain == "thread.example"
 
 
-def test_warm_builds_what_it_can_and_skips_the_rest() -> None:
-    store = DictStore()
+def test_warm_builds_what_it_can_and_skips_the_rest(store: CryptosaurSource) -> None:
     for index in range(6):
         store.add(f"w{index}.example")
     cache = ContextCache(store.fetch)
