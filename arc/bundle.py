@@ -462,8 +462,8 @@ def _choose_domains(leaf: x509.Certificate, requested: list[str] | None) -> list
             domain = normalise_domain(name)
         except BadInput:
             continue  # e.g. a CN that is a description, not a domain
-        if domain not in own:
-            own.append(domain)
+        own.append(domain)
+    own = list(dict.fromkeys(own))
     if not own:
         shown = f" (it names {', '.join(names)})" if names else ""
         raise BadInput(
@@ -475,7 +475,7 @@ def _choose_domains(leaf: x509.Certificate, requested: list[str] | None) -> list
 
     if not isinstance(requested, list) or not requested:
         raise BadInput("bundle: 'domains' must be a non-empty list of domains")
-    chosen: list[str] = []
+    chosen: dict[str, None] = {}  # ordered and deduplicated
     for name in requested:
         domain = normalise_domain(name)
         if not covers(own, domain):
@@ -483,9 +483,8 @@ def _choose_domains(leaf: x509.Certificate, requested: list[str] | None) -> list
                 f"bundle: domain {domain} is not covered by the certificate "
                 f"(it names {', '.join(own)})"
             )
-        if domain not in chosen:
-            chosen.append(domain)
-    return chosen
+        chosen[domain] = None
+    return list(chosen)
 
 
 def _ca_flag(cert: x509.Certificate) -> bool | None:
