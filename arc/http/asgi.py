@@ -277,7 +277,8 @@ class Exchange:
             lname = name.lower()
             if lname == b"content-length":
                 length = int(value)
-            elif lname == b"connection":
+                continue
+            if lname == b"connection":
                 if value.lower() == b"close":
                     self.keep_alive = False
                 continue

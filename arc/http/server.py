@@ -173,7 +173,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The client finished sending: answer what came, then close."""
-        if self._active is None and not self._queue:
+        if self.is_tls or (self._active is None and not self._queue):
+            # A TLS transport cannot stay half-open; it closes now.
             return None
         for ex in (self._active, *self._queue):
             if ex is not None:
@@ -390,10 +391,11 @@ class HttpProtocol(asyncio.Protocol):
         ex.task = self.loop.create_task(ex.run(app, scope))
 
     def _serve_static(self, ex: Exchange, static: StaticFiles) -> None:
-        answer = static.respond(ex.method, ex.raw_path, ex.query, dict(ex.headers))
-        extra = b"".join(
-            name + b": " + value + b"\r\n" for name, value in answer.headers
+        headers = ex.headers
+        answer = static.respond(
+            ex.method, ex.raw_path, ex.query, dict(headers) if len(headers) > 1 else {}
         )
+        extra = answer.raw_headers
         body = answer.body
         if isinstance(body, FileBody):
             ex.status = answer.status

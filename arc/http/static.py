@@ -36,7 +36,7 @@ import mimetypes
 import os
 import stat as stat_mod
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -63,11 +63,20 @@ class FileBody:
 
 @dataclass(frozen=True, slots=True)
 class StaticResponse:
-    """What to answer: status, headers (without framing) and the body."""
+    """What to answer: status, headers (without framing) and the body.
+
+    ``raw_headers`` is the header block as bytes (``name: value\r\n`` each),
+    built once so a cached answer costs no formatting per request.
+    """
 
     status: int
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes | FileBody = b""
+    raw_headers: bytes = field(default=b"", compare=False)
+
+    def __post_init__(self) -> None:
+        raw = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers)
+        object.__setattr__(self, "raw_headers", raw)
 
     @property
     def length(self) -> int:
@@ -134,22 +143,57 @@ def parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
     return start, min(end, size - 1)
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What is known about one file version: validators and the 200 answer."""
+
+    key: tuple[int, int, int]
+    path: str
+    etag: str
+    last_modified: str
+    common: tuple[tuple[bytes, bytes], ...]
+    content_type: bytes
+    data: bytes | None
+    full: StaticResponse
+
+
 class StaticFiles:
     """The files under ``root``."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = os.path.realpath(root)
         self._prefix = self.root.rstrip(os.sep) + os.sep
-        self._cache: OrderedDict[str, tuple[tuple[int, int, int], bytes]] = (
-            OrderedDict()
-        )
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
 
-    def _resolve(self, relative: str) -> str | None:
-        # realpath follows every symlink; what lands outside the root is refused.
+    def _resolve(self, relative: str) -> tuple[str, os.stat_result] | None:
+        # Walk below the root with lstat: with no symlink on the way, the
+        # path is inside by construction and the last lstat is the file's
+        # stat. A symlink anywhere sends the path through realpath, and what
+        # lands outside the root is refused.
+        path = self.root
+        st: os.stat_result | None = None
+        try:
+            for part in relative.split("/"):
+                if not part:
+                    continue
+                path = path + os.sep + part
+                st = os.lstat(path)
+                if stat_mod.S_ISLNK(st.st_mode):
+                    return self._resolve_links(relative)
+            if st is None:
+                st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        return path, st
+
+    def _resolve_links(self, relative: str) -> tuple[str, os.stat_result] | None:
         real = os.path.realpath(os.path.join(self.root, relative))
         if real != self.root and not real.startswith(self._prefix):
             return None
-        return real
+        try:
+            return real, os.stat(real)
+        except (OSError, ValueError):
+            return None
 
     def respond(
         self,
@@ -160,19 +204,16 @@ class StaticFiles:
     ) -> StaticResponse:
         """Answer one request; ``headers`` has lower-cased names."""
         # Only reading methods make sense for files.
-        if method not in ("GET", "HEAD"):
+        if method != "GET" and method != "HEAD":
             return _text(405, "method not allowed", (b"allow", b"GET, HEAD"))
 
         relative = safe_relative(raw_path)
         if relative is None:
             return NOT_FOUND
-        real = self._resolve(relative)
-        if real is None:
+        found = self._resolve(relative)
+        if found is None:
             return NOT_FOUND
-        try:
-            st = os.stat(real)
-        except (OSError, ValueError):
-            return NOT_FOUND
+        real, st = found
 
         # A folder: redirect to the slash form, or serve its index.html.
         if stat_mod.S_ISDIR(st.st_mode):
@@ -186,11 +227,24 @@ class StaticFiles:
                 return NOT_FOUND
         if not stat_mod.S_ISREG(st.st_mode):
             return NOT_FOUND
-        return self._file(real, st, headers)
+        entry = self._entry(real, st)
+        if entry is None:
+            return NOT_FOUND
+        if not headers or not (
+            b"if-none-match" in headers
+            or b"if-modified-since" in headers
+            or b"range" in headers
+        ):
+            return entry.full
+        return self._conditional(entry, st, headers)
 
-    def _file(
-        self, real: str, st: os.stat_result, headers: dict[bytes, bytes]
-    ) -> StaticResponse:
+    def _entry(self, real: str, st: os.stat_result) -> _Entry | None:
+        # One cached entry per file version (inode, size, mtime).
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        entry = self._cache.get(real)
+        if entry is not None and entry.key == key:
+            self._cache.move_to_end(real)
+            return entry
         size = st.st_size
         etag = f'"{st.st_ino:x}-{size:x}-{st.st_mtime_ns:x}"'
         last_modified = formatdate(st.st_mtime, usegmt=True)
@@ -208,6 +262,31 @@ class StaticFiles:
             (b"last-modified", last_modified.encode()),
             (b"accept-ranges", b"bytes"),
         )
+        ctype = content_type.encode()
+        data: bytes | None = None
+        if size <= INLINE_MAX_BYTES:
+            try:
+                with open(real, "rb") as f:
+                    data = f.read(INLINE_MAX_BYTES + 1)
+            except OSError:
+                return None
+            body: bytes | FileBody = data
+        else:
+            body = FileBody(real, 0, size)
+        full = StaticResponse(200, ((b"content-type", ctype), *common), body)
+        entry = _Entry(key, real, etag, last_modified, common, ctype, data, full)
+        if data is not None and len(data) != size:
+            # It changed between stat and read: answer what was read, keep nothing.
+            return entry
+        self._cache[real] = entry
+        while len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return entry
+
+    def _conditional(
+        self, entry: _Entry, st: os.stat_result, headers: dict[bytes, bytes]
+    ) -> StaticResponse:
+        etag, common, size = entry.etag, entry.common, st.st_size
 
         # Conditional requests (RFC 9110 13.1): If-None-Match wins.
         if_none_match = headers.get(b"if-none-match")
@@ -221,54 +300,33 @@ class StaticFiles:
                 return StaticResponse(304, common)
 
         # Range (RFC 9110 14.2), unless If-Range names another version.
-        start, end = 0, size - 1
-        status = 200
         range_value = headers.get(b"range")
-        if range_value is not None:
-            if_range = headers.get(b"if-range")
-            if if_range is None or if_range.decode("latin-1") in (etag, last_modified):
-                wanted = parse_range(range_value.decode("latin-1"), size)
-                if wanted is False:
-                    return StaticResponse(
-                        416,
-                        (*common, (b"content-range", f"bytes */{size}".encode())),
-                    )
-                if isinstance(wanted, tuple):
-                    start, end = wanted
-                    status = 206
-        length = end - start + 1 if size else 0
-        out = [(b"content-type", content_type.encode()), *common]
-        if status == 206:
-            out.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
-
-        # Small files inline (cached against stat); large ones streamed.
-        if size > INLINE_MAX_BYTES:
-            return StaticResponse(status, tuple(out), FileBody(real, start, length))
-        data = self._read_small(real, st)
-        if data is None:
-            return NOT_FOUND
-        if status == 206:
-            data = data[start : end + 1]
-        return StaticResponse(status, tuple(out), data)
-
-    def _read_small(self, real: str, st: os.stat_result) -> bytes | None:
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        cached = self._cache.get(real)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        try:
-            with open(real, "rb") as f:
-                data = f.read(INLINE_MAX_BYTES + 1)
-        except OSError:
-            return None
-        if len(data) != st.st_size:
-            # It changed between stat and read: serve what we read, cache nothing.
-            return data
-        self._cache[real] = (key, data)
-        self._cache.move_to_end(real)
-        while len(self._cache) > CACHE_ENTRIES:
-            self._cache.popitem(last=False)
-        return data
+        if range_value is None:
+            return entry.full
+        if_range = headers.get(b"if-range")
+        if if_range is not None and if_range.decode("latin-1") not in (
+            etag,
+            entry.last_modified,
+        ):
+            return entry.full
+        wanted = parse_range(range_value.decode("latin-1"), size)
+        if wanted is False:
+            return StaticResponse(
+                416, (*common, (b"content-range", f"bytes */{size}".encode()))
+            )
+        if not isinstance(wanted, tuple):
+            return entry.full
+        start, end = wanted
+        out = (
+            (b"content-type", entry.content_type),
+            *common,
+            (b"content-range", f"bytes {start}-{end}/{size}".encode()),
+        )
+        if entry.data is None:
+            return StaticResponse(
+                206, out, FileBody(entry.path, start, end - start + 1)
+            )
+        return StaticResponse(206, out, entry.data[start : end + 1])
 
 
 def _not_modified_since(value: bytes, mtime: float) -> bool:
