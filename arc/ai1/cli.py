@@ -384,6 +384,14 @@ def cmd_check(session: Session, args: argparse.Namespace) -> int:
     data = _read_bundle(args.path)
     bundle = parse_bundle(data, domains=args.domains, passphrase=passphrase)
     summary = bundle.summary()
+    summary["chain"] = [
+        {
+            "subject": cert.subject.rfc4514_string(),
+            "issuer": cert.issuer.rfc4514_string(),
+            "not_after": render.iso(cert.not_valid_after_utc),
+        }
+        for cert in bundle.chain
+    ]
     if args.json:
         session.print(render.dumps(render.show_json(summary)))
     else:

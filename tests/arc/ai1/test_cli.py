@@ -230,7 +230,13 @@ def test_check_validates_locally_with_the_upload_messages(
     assert bad_err.startswith("ai1: bundle: ")
     assert bad_err.count("\n") == 1
     assert json_code == EXIT_OK
-    assert json.loads(json_out)["domain"] == "f.example"
+    checked = json.loads(json_out)
+    assert checked["domain"] == "f.example"
+    assert checked["stored_at"] is None
+    assert [c["subject"] for c in checked["chain"]] == [
+        "CN=f.example",
+        "CN=Arcology Test Intermediate 1",
+    ]
 
 
 def test_status_reports_uptime_actors_and_the_admin_channel(
