@@ -43,6 +43,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+async def _forever() -> None:
+    """The root task of the data plane loop; it ends when the loop stops."""
+    await asyncio.Event().wait()
+
+
 class DataPlane:
     """The event loop that carries every connection of this process."""
 
@@ -62,7 +67,11 @@ class DataPlane:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.loop.run_forever()
+            # Run under a root task: anyio (Starlette) looks for the task that
+            # runs the loop and, finding none, scans every task on each call.
+            self.loop.run_until_complete(_forever())
+        except RuntimeError:
+            pass  # stop() stopped the loop before the root task ended
         finally:
             self._drain()
 
