@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import math
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
+from actors.cryptosaur import Cryptosaur
+from actors.esper import Esper
 from actors.metrics import (
     Family,
     MetricsOptions,
@@ -20,8 +29,11 @@ from actors.metrics import (
     request_families,
     runtime_families,
 )
+from arc.config import Config
 from arc.errors import ConfigError
-from arc.plugins import parse_options
+from arc.plugins import parse_options, start_plugins
+from arc.testing import running
+from tests.certs import make_chain
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -149,3 +161,227 @@ def test_listen_must_be_host_and_port() -> None:
 
 def test_esper_figures_are_left_out_when_esper_does_not_report_them() -> None:
     assert esper_families({}) == []
+
+
+# -- the plugin in a running Arcology -----------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, str, str]:
+    """Status, content type and body of one plain HTTP request."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return (
+            response.status,
+            response.getheader("content-type", ""),
+            response.read().decode(),
+        )
+    finally:
+        connection.close()
+
+
+def metrics_config(folder: Path, port: int, extra: str = "") -> Config:
+    path = folder / "arcology.toml"
+    path.write_text(
+        f'[arcology]\ndata_dir = "data"\nbind = ["127.0.0.1"]\n{extra}\n'
+        f'[plugins.metrics]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    return Config.from_toml_text(path.read_text(), path)
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+@pytest.fixture
+def errors() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m).rstrip()), level="ERROR")
+    yield lines
+    logger.remove(sink)
+
+
+EXPIRY = "arcology_certificate_not_after_seconds"
+
+
+def test_metrics_shows_a_certificate_s_expiry_after_an_upload(tmp_path: Path) -> None:
+    port = free_port()
+    config = metrics_config(tmp_path, port)
+    not_after = dt.datetime(2031, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+    chain = make_chain("shop.example.com", not_after=not_after)
+
+    with running([Cryptosaur, Esper], config) as rt:
+        started = start_plugins(rt, config)
+        status, content_type, before = get(port)
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": chain.bundle()})
+        shown = wait_for(lambda: samples(get(port)[2], EXPIRY) != {})
+        after = get(port)[2]
+
+    assert started == ["metrics"]
+    assert status == 200
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert samples(before, EXPIRY) == {}
+    assert parse(before)[EXPIRY].type == "gauge"
+    assert shown
+    assert samples(after, EXPIRY) == {
+        (("domain", "shop.example.com"),): not_after.timestamp()
+    }
+
+
+def test_stored_certificates_are_read_at_start_and_deletions_leave_the_figures(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = metrics_config(tmp_path, port)
+    first = make_chain("a.example", "b.example")
+
+    with running([Cryptosaur, Esper], config) as rt:
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": first.bundle()})
+        start_plugins(rt, config)
+        at_start = samples(get(port)[2], EXPIRY)
+        rt.ask("Cryptosaur", "deleteCertificate", {"domain": "a.example"})
+        gone = wait_for(lambda: samples(get(port)[2], EXPIRY) == {})
+        tracked = rt.request("metrics.status")
+
+    expected = first.leaf.not_valid_after_utc.timestamp()
+    assert at_start == {
+        (("domain", "a.example"),): expected,
+        (("domain", "b.example"),): expected,
+    }
+    assert gone
+    assert tracked["certificates"] == 0
+    assert tracked["port"] == port
+
+
+def test_handshakes_and_cache_counters_come_from_esper_at_scrape_time(
+    tmp_path: Path,
+) -> None:
+    port, tls_port = free_port(), free_port()
+    config = metrics_config(tmp_path, port)
+    chain = make_chain("shop.example.com")
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": chain.bundle()})
+        rt.ask("Esper", "listen", {"port": tls_port, "tls": True})
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw:
+                with chain.client_context().wrap_socket(
+                    raw, server_hostname="shop.example.com"
+                ):
+                    pass
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw:
+            with pytest.raises((ssl.SSLError, OSError)):
+                chain.client_context().wrap_socket(
+                    raw, server_hostname="nobody.example"
+                )
+        text = get(port)[2]
+
+    def one(name: str) -> float:
+        return samples(text, name)[()]
+
+    assert one("arcology_tls_handshakes_total") == 2
+    assert one("arcology_tls_handshake_failures_total") >= 1
+    assert one("arcology_tls_handshakes_refused_total") >= 1
+    assert one("arcology_tls_context_cache_misses_total") >= 1
+    assert one("arcology_tls_context_cache_hits_total") >= 1
+    assert one("arcology_listeners_open") == 2
+    # The scrape's own connection is open while Esper counts.
+    assert one("arcology_connections_open") >= 1
+    assert samples(text, "arcology_scrape_source_up") == {(("source", "Esper"),): 1}
+    assert samples(text, "arcology_actor_restarts_total") == {
+        (("actor", "Cryptosaur"),): 0,
+        (("actor", "Esper"),): 0,
+        (("actor", "metrics"),): 0,
+    }
+
+
+def test_only_get_and_head_of_slash_metrics_are_served(tmp_path: Path) -> None:
+    port = free_port()
+    config = metrics_config(tmp_path, port)
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        elsewhere = get(port, "/")
+        posted = get(port, "/metrics", "POST")
+        head = get(port, "/metrics", "HEAD")
+
+    assert elsewhere[0] == 404
+    assert posted[0] == 405
+    assert head[0] == 200
+    assert head[2] == ""
+
+
+def test_stopping_the_plugin_closes_its_port(tmp_path: Path) -> None:
+    port = free_port()
+    config = metrics_config(tmp_path, port)
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        assert get(port)[0] == 200
+        rt.remove("metrics")
+        closed = wait_for(lambda: _refused(port))
+        apps = dict(rt.dataplane.port_apps)
+        listeners = [item["port"] for item in rt.ask("Esper", "status")["listeners"]]
+
+    assert closed
+    assert apps == {}
+    assert listeners == []
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_a_listen_address_esper_does_not_bind_is_refused_and_reported(
+    tmp_path: Path, errors: list[str]
+) -> None:
+    path = tmp_path / "arcology.toml"
+    path.write_text(
+        '[arcology]\ndata_dir = "data"\nbind = ["127.0.0.1"]\n'
+        '[plugins.metrics]\nlisten = "10.9.8.7:9464"\n'
+    )
+    config = Config.from_toml_text(path.read_text(), path)
+
+    with running([Cryptosaur, Esper], config) as rt:
+        started = start_plugins(rt, config)
+        listed = rt.ask("Cryptosaur", "listCertificates", {})
+
+    assert started == []
+    assert listed == []
+    assert any(
+        "name=metrics" in e and "10.9.8.7 is not among the bind addresses" in e
+        for e in errors
+    ), errors
+
+
+def test_a_port_that_a_service_listens_on_is_not_taken_over(
+    tmp_path: Path, errors: list[str]
+) -> None:
+    port = free_port()
+    config = metrics_config(tmp_path, port)
+
+    with running([Cryptosaur, Esper], config) as rt:
+        rt.ask("Esper", "listen", {"port": port, "tls": False, "owner": "Hyperion"})
+        started = start_plugins(rt, config)
+        apps = dict(rt.dataplane.port_apps)
+
+    assert started == []
+    assert apps == {}
+    assert any(f"port {port} is already a listener" in e for e in errors), errors
