@@ -81,6 +81,8 @@ IDLE_TIMEOUT_S = 600.0
 AUTH_DELAY_STEP_S = 0.5
 AUTH_DELAY_MAX_S = 10.0
 AUTH_FAILURE_MEMORY_S = 900.0
+# Peers remembered at most; past this the oldest record is dropped.
+MAX_AUTH_FAILURE_PEERS = 10_000
 # Forwarded asks wait this long: a 4096-bit RSA bundle takes well under a second.
 FORWARD_TIMEOUT_S = 60.0
 ESPER_STATUS_TIMEOUT_S = 2.0
@@ -291,8 +293,10 @@ class AdminServer:
             return None
         now = time.monotonic()
         self._forget_old_failures(now)
-        count = self._failures.get(peer, (0, now))[0] + 1
+        count = self._failures.pop(peer, (0, now))[0] + 1
         self._failures[peer] = (count, now)
+        if len(self._failures) > MAX_AUTH_FAILURE_PEERS:
+            del self._failures[next(iter(self._failures))]
         return min(AUTH_DELAY_MAX_S, AUTH_DELAY_STEP_S * count)
 
     def _forget_old_failures(self, now: float) -> None:
@@ -518,6 +522,12 @@ class AdminConnection(asyncio.Protocol):
         self._update_reading()
 
     async def _serve(self, message: Message) -> None:
+        self.log.debug(
+            "admin request peer={p} verb={v} reply={r}",
+            p=self.peer,
+            v=message.verb[:64],
+            r=message.reply,
+        )
         try:
             result = await self.server.dispatch(message)
             answer = ok_frame(message.reply, result)
