@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from loguru import logger
 
 from actors.cryptosaur import Cryptosaur
+from actors.esper import Esper
 from arc.actor import Actor, verb
 from arc.config import Config
 from arc.errors import ConfigError, Internal, NotFound
@@ -25,6 +27,7 @@ from arc.plugins import Plugin, parse_options, start_plugins
 from arc.runtime import Runtime
 from arc.testing import running
 from tests.certs import make_chain
+from tests.e2e.server import free_port
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 ORDER: list[str] = []
@@ -136,6 +139,25 @@ def test_a_plugin_hears_an_upload_and_asks_cryptosaur_for_the_list(
     assert sorted(answer["changed"]) == ["shop.example.com", "www.shop.example.com"]
     # listCertificates gives one summary per stored domain.
     assert answer["certificates"] == 2
+
+
+def test_a_plugin_serves_its_own_page_through_esper(
+    hello_package: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = config_in(tmp_path, f'[plugins.hello]\ngreeting = "hey"\nport = {port}\n')
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/x", timeout=5) as page:
+            body = page.read()
+        owners = {
+            item["port"]: item["owner"]
+            for item in rt.ask("Esper", "status")["listeners"]
+        }
+
+    assert body == b"hey from /x\n"
+    assert owners == {port: "hello"}
 
 
 def test_the_guide_s_own_test_passes_as_written(tmp_path: Path) -> None:
