@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import sys
 import time
 from collections import deque
@@ -44,6 +45,7 @@ from loguru import logger
 
 from arc.errors import ConfigError
 from arc.http.errors import error_body, status_line
+from arc.http.static import CHUNK_BYTES, INLINE_MAX_BYTES, read_chunk
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,6 +54,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
+# http.response.pathsend: the application names a file, the server sends it
+# (small files read inline, large ones in a worker thread).
+EXTENSIONS: dict[str, dict[str, Any]] = {"http.response.pathsend": {}}
 LIFESPAN_TIMEOUT_S = 30.0
 
 log = logger.bind(actor="hyperion")
@@ -261,16 +266,41 @@ class Exchange:
             self._head = (int(message["status"]), list(message.get("headers", ())))
             self.status = self._head[0]
             return
+        if kind == "http.response.pathsend":
+            await self._pathsend(str(message["path"]))
+            return
         if kind in ("http.response.trailers", "http.response.debug"):
             return
         raise RuntimeError(f"ASGI send: unknown message type {kind!r}")
+
+    async def _pathsend(self, path: str) -> None:
+        # The file goes out as ordinary body messages, so framing is shared.
+        if self._head is None:
+            raise RuntimeError("http.response.pathsend sent before http.response.start")
+        size = os.stat(path).st_size
+        if size <= INLINE_MAX_BYTES:
+            with open(path, "rb") as f:
+                data = f.read()
+            await self.send({"type": "http.response.body", "body": data})
+            return
+        loop = self.conn.loop
+        offset = 0
+        while True:
+            chunk = await loop.run_in_executor(
+                None, read_chunk, path, offset, CHUNK_BYTES
+            )
+            offset += len(chunk)
+            more = bool(chunk) and offset < size
+            await self.send(
+                {"type": "http.response.body", "body": chunk, "more_body": more}
+            )
+            if not more:
+                return
 
     def _start_bytes(self, first_len: int, more: bool) -> bytes:
         # Build the head now that the first body piece says how to frame it.
         assert self._head is not None
         status, headers = self._head
-        self._head = None
-        self.response_started = True
         parts = [status_line(status)]
         length: int | None = None
         for name, value in headers:
@@ -284,7 +314,11 @@ class Exchange:
                 continue
             elif lname == b"transfer-encoding":
                 continue
+            if b"\n" in value or b"\r" in value:
+                raise RuntimeError(f"response header {lname!r} holds a line break")
             parts.append(lname + b": " + value + b"\r\n")
+        self._head = None
+        self.response_started = True
         bodyless = status < 200 or status in (204, 304)
         if length is None and not bodyless:
             if not more:
@@ -341,6 +375,7 @@ class Exchange:
             "headers": self.headers,
             "server": server,
             "client": client,
+            "extensions": EXTENSIONS,
         }
         if state is not None:
             scope["state"] = state.copy()

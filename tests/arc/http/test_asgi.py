@@ -256,3 +256,66 @@ def test_an_unreachable_scheme_mismatch_never_reaches_the_app(plane: Plane) -> N
 
     assert status == 301
     assert SEEN == []
+
+
+def test_starlette_static_files_use_pathsend_for_small_and_large_files(
+    plane: Plane, tmp_path: Path
+) -> None:
+    from starlette.staticfiles import StaticFiles
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "small.txt").write_bytes(b"s" * 100)
+    large = bytes(range(256)) * 2000  # 512,000 bytes: streamed in chunks
+    (files / "large.bin").write_bytes(large)
+    tls = plane.listen(tls=True)
+    plane.route(
+        [ServiceConfig("s", (HOST,), tls="optional", tls_port=tls, app="t:files")],
+        apps={"t:files": StaticFiles(directory=str(files))},
+    )
+    conn = https(tls)
+
+    conn.request("GET", "/small.txt", headers={"Host": HOST})
+    small = conn.getresponse()
+    small_body = small.read()
+    conn.request("GET", "/large.bin", headers={"Host": HOST})
+    big = conn.getresponse()
+    big_body = big.read()
+    conn.request("GET", "/large.bin", headers={"Host": HOST, "Range": "bytes=10-19"})
+    part = conn.getresponse()
+    part_body = part.read()
+    conn.close()
+
+    assert (small.status, small_body) == (200, b"s" * 100)
+    assert big.getheader("content-length") == str(len(large))
+    assert big_body == large
+    assert (part.status, part_body) == (206, large[10:20])
+
+
+async def header_injection(scope: Any, receive: Any, send: Any) -> None:
+    """Try to split the response with a header value."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"x-evil", b"a\r\nset-cookie: stolen=1")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"never"})
+
+
+def test_a_header_value_with_a_line_break_answers_500(plane: Plane) -> None:
+    plain = plane.listen()
+    plane.route(
+        [ServiceConfig("s", (HOST,), port=plain, app="t:evil")],
+        apps={"t:evil": header_injection},
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", plain, timeout=5)
+
+    conn.request("GET", "/", headers={"Host": HOST})
+    answer = conn.getresponse()
+    answer.read()
+    conn.close()
+
+    assert answer.status == 500
+    assert answer.getheader("set-cookie") is None
