@@ -442,7 +442,7 @@ def test_a_slow_actor_does_not_hold_up_other_requests(
     slow = connect_to(address, token)
     slow.connect()
     thread = threading.Thread(
-        target=lambda: result.append(slow.ask("Cryptosaur.slow", 0.5))
+        target=lambda: result.append(slow.ask("Cryptosaur.slow", 2.0))
     )
 
     thread.start()
@@ -454,8 +454,8 @@ def test_a_slow_actor_does_not_hold_up_other_requests(
     thread.join(timeout=5)
     slow.close()
 
-    assert result == [0.5]
-    assert elapsed < 0.4
+    assert result == [2.0]
+    assert elapsed < 1.5
 
 
 def test_key_material_is_found_anywhere_in_an_answer() -> None:
