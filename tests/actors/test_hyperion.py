@@ -1,0 +1,283 @@
+"""Hyperion with real Cryptosaur and Esper: start-up, certificates, reload."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from actors.cryptosaur import Cryptosaur
+from actors.esper import Esper
+from actors.hyperion import Hyperion
+from arc.config import load_config
+from arc.errors import ArcError
+from arc.testing import running
+from tests.certs import make_chain
+
+SHOP = "shop.example.com"
+CORE = [Cryptosaur, Esper, Hyperion]
+
+
+def free_ports(count: int) -> list[int]:
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def service(name: str, hosts: list[str], port: int, **extra: Any) -> str:
+    lines = [
+        "[[services]]",
+        f'name = "{name}"',
+        "hosts = [" + ", ".join(f'"{h}"' for h in hosts) + "]",
+        f"port = {port}",
+    ]
+    for key, value in extra.items():
+        lines.append(f"{key} = {value!r}".replace("'", '"'))
+    return "\n".join(lines) + "\n"
+
+
+def write_config(tmp_path: Path, *services: str, local_ca: bool = False) -> Path:
+    www = tmp_path / "www"
+    www.mkdir(exist_ok=True)
+    (www / "index.html").write_text("shop home")
+    path = tmp_path / "arcology.toml"
+    path.write_text(
+        "[arcology]\n"
+        f'data_dir = "{tmp_path / "data"}"\n'
+        'bind = ["127.0.0.1"]\n'
+        f"local_ca = {'true' if local_ca else 'false'}\n\n" + "\n".join(services)
+    )
+    return path
+
+
+@pytest.fixture
+def logs() -> Iterator[list[Any]]:
+    records: list[Any] = []
+    sink = logger.add(lambda m: records.append(m.record), level="DEBUG")
+    yield records
+    logger.remove(sink)
+
+
+def lines(records: list[Any], level: str, text: str) -> list[str]:
+    return [
+        r["message"]
+        for r in records
+        if r["level"].name == level
+        and r["extra"].get("actor") == "hyperion"
+        and text in r["message"]
+    ]
+
+
+def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def get(
+    port: int, host: str, ctx: ssl.SSLContext | None = None
+) -> tuple[int, bytes, Any]:
+    conn: http.client.HTTPConnection
+    if ctx is not None:
+        conn = http.client.HTTPSConnection(host, port, timeout=5, context=ctx)
+        conn.sock = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=5),
+            server_hostname=host,
+        )
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/", headers={"Host": host})
+    answer = conn.getresponse()
+    body = answer.read()
+    conn.close()
+    return answer.status, body, answer
+
+
+def test_a_host_without_certificate_is_reported_once_then_once_when_it_gets_one(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    plain, tls = free_ports(2)
+    path = write_config(
+        tmp_path,
+        service(
+            "shop",
+            [SHOP, "*.shop.example.com"],
+            plain,
+            tls="optional",
+            tlsPort=tls,
+            root="www",
+        ),
+        service("blog", [SHOP], plain, tls="optional", tlsPort=tls, root="www"),
+    )
+    chain = make_chain(SHOP)
+
+    with running(CORE, load_config(path)) as rt:
+        at_start = lines(logs, "ERROR", "has no certificate")
+        plain_answer = get(plain, SHOP)
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": chain.bundle()})
+        assert eventually(lambda: bool(lines(logs, "INFO", "now served over TLS")))
+        status, body, answer = get(tls, SHOP, chain.client_context())
+
+    assert sorted(at_start) == sorted(
+        [
+            "host has no certificate; it is served over plain HTTP only until one "
+            f"is uploaded host={SHOP} service=shop",
+            "host has no certificate; it is served over plain HTTP only until one "
+            "is uploaded host=*.shop.example.com service=shop",
+        ]
+    )
+    assert plain_answer[:2] == (200, b"shop home")
+    assert lines(logs, "INFO", "now served over TLS") == [
+        f"host is now served over TLS host={SHOP} service=shop"
+    ]
+    assert (status, body) == (200, b"shop home")
+    assert answer.getheader("strict-transport-security") == "max-age=31536000"
+    assert len(lines(logs, "ERROR", "has no certificate")) == 2
+
+
+def test_reload_opens_new_ports_closes_unused_ones_and_leaves_the_rest(
+    tmp_path: Path,
+) -> None:
+    kept, dropped, added = free_ports(3)
+    path = write_config(
+        tmp_path,
+        service("shop", [SHOP], kept, root="www"),
+        service("blog", ["blog.example.com"], dropped, root="www"),
+    )
+    heard: list[Any] = []
+
+    with running(CORE, load_config(path)) as rt:
+        rt.subscribe("Hyperion.servicesReloaded", heard.append)
+        kept_conn = http.client.HTTPConnection("127.0.0.1", kept, timeout=5)
+        kept_conn.request("GET", "/", headers={"Host": SHOP})
+        kept_conn.getresponse().read()
+        write_config(
+            tmp_path,
+            service("shop", [SHOP], kept, root="www"),
+            service("blog", ["blog.example.com"], added, root="www"),
+        )
+
+        summary = rt.ask("Hyperion", "reload", {})
+
+        # The connection opened before the reload carries on.
+        kept_conn.request("GET", "/", headers={"Host": SHOP})
+        still = kept_conn.getresponse()
+        still.read()
+        kept_conn.close()
+        new_port = get(added, "blog.example.com")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", dropped), timeout=2)
+
+    assert summary == {"opened": [added], "closed": [dropped], "unchanged": [kept]}
+    assert heard == [summary]
+    assert still.status == 200
+    assert new_port[:2] == (200, b"shop home")
+
+
+def test_a_refused_reload_changes_nothing(tmp_path: Path) -> None:
+    port, other = free_ports(2)
+    path = write_config(tmp_path, service("shop", [SHOP], port, root="www"))
+
+    with running(CORE, load_config(path)) as rt:
+        path.write_text(
+            path.read_text() + service("bad", ["x.example"], other, tls="maybe")
+        )
+        with pytest.raises(ArcError):
+            rt.ask("Hyperion", "reload", {})
+        after = get(port, SHOP)
+
+    assert after[:2] == (200, b"shop home")
+
+
+def test_services_lists_hosts_with_their_certificate_status(tmp_path: Path) -> None:
+    plain, tls = free_ports(2)
+    path = write_config(
+        tmp_path,
+        service(
+            "shop",
+            [SHOP, "new.example.com"],
+            plain,
+            tls="required",
+            tlsPort=tls,
+            root="www",
+        ),
+    )
+
+    with running(CORE, load_config(path)) as rt:
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": make_chain(SHOP).bundle()})
+        listed = rt.ask("Hyperion", "services", {})
+
+    assert len(listed) == 1
+    entry = listed[0]
+    assert (entry["name"], entry["tls"], entry["port"], entry["tlsPort"]) == (
+        "shop",
+        "required",
+        plain,
+        tls,
+    )
+    shop, new = entry["hosts"]
+    assert (
+        shop["host"] == SHOP and shop["certificate"] == "ok" and shop["days_left"] > 30
+    )
+    assert new == {
+        "host": "new.example.com",
+        "certificate": "missing",
+        "days_left": None,
+    }
+
+
+def test_local_ca_serves_localhost_over_tls_trusted_by_the_ca_file(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    plain, tls = free_ports(2)
+    path = write_config(
+        tmp_path,
+        service(
+            "welcome", ["localhost"], plain, tls="optional", tlsPort=tls, root="www"
+        ),
+        local_ca=True,
+    )
+
+    with running(CORE, load_config(path)):
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "data" / "ca.pem"))
+        status, body, _ = get(tls, "localhost", ctx)
+
+    assert (status, body) == (200, b"shop home")
+    assert lines(logs, "ERROR", "has no certificate") == []
+    assert lines(logs, "INFO", "for development only")
+
+
+def test_an_app_service_runs_its_lifespan_and_is_served(tmp_path: Path) -> None:
+    (tmp_path / "arc_hyperion_testapp.py").write_text(
+        "from contextlib import asynccontextmanager\n"
+        "from starlette.applications import Starlette\n"
+        "from starlette.responses import PlainTextResponse\n"
+        "from starlette.routing import Route\n\n"
+        "@asynccontextmanager\n"
+        "async def lifespan(app):\n"
+        "    yield {'word': 'started'}\n\n"
+        "async def home(request):\n"
+        "    return PlainTextResponse(request.state.word)\n\n"
+        "app = Starlette(routes=[Route('/', home)], lifespan=lifespan)\n"
+    )
+    (port,) = free_ports(1)
+    path = write_config(
+        tmp_path, service("app", [SHOP], port, app="arc_hyperion_testapp:app")
+    )
+
+    with running(CORE, load_config(path)):
+        status, body, _ = get(port, SHOP)
+
+    assert (status, body) == (200, b"started")
