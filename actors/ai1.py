@@ -67,6 +67,8 @@ PRIVATE_KEY_MARKER = b"PRIVATE KEY-----"
 VERB_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*$")
 
 # Enough for a few operators and scripts at once; one more is told "busy".
+# LIMITATION: with TLS, a connection counts once its handshake is done; the
+# handshakes in progress are bounded only by TLS_HANDSHAKE_TIMEOUT_S.
 MAX_CONNECTIONS = 64
 # Requests one connection may have in flight; `ai1 upload` keeps 32 going.
 MAX_IN_FLIGHT = 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import stat
 import struct
@@ -270,6 +271,22 @@ def test_the_channel_still_serves_after_hostile_clients(
     _, address, token = channel
     for data in (b"\xff" * 100, struct.pack(">I", 2**32 - 1), b"", auth_frame("x")):
         raw_exchange(address, data, wait_s=2.0)
+
+    with connect_to(address, token) as client:
+        assert client.ask("Cryptosaur.listCertificates", {}) == []
+
+
+def test_thirty_random_streams_leave_the_channel_serving(
+    channel: tuple[Runtime, tuple[str, int], str],
+) -> None:
+    _, address, token = channel
+    rng = random.Random(7399)
+
+    for _ in range(30):
+        prefix = auth_frame(token) if rng.random() < 0.5 else b""
+        noise = rng.randbytes(rng.randint(4, 300))
+        answers, _closed = raw_exchange(address, prefix + noise, wait_s=1.0)
+        assert all(a.error is None or a.error.kind for a in answers)
 
     with connect_to(address, token) as client:
         assert client.ask("Cryptosaur.listCertificates", {}) == []
