@@ -36,6 +36,7 @@ import re
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,14 +101,18 @@ def serve_arcology(port: int, cert: str, key: str, root: str, case: str) -> None
         apps: dict[str, Any] = {}
     else:
         spec = "bench:hello" if case == "hello" else "bench:static"
-        service = ServiceConfig("bench", (HOST,), tls="required", tls_port=port, app=spec)
+        service = ServiceConfig(
+            "bench", (HOST,), tls="required", tls_port=port, app=spec
+        )
         apps = {spec: hello if case == "hello" else starlette_static(root)}
     dataplane.install_routes(RoutingTable.build([service], settings, apps=apps))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     loop = dataplane.loop
     asyncio.set_event_loop(loop)
-    factory = dataplane.http_protocol_factory(port=port, scheme="https", tls_domain=None)
+    factory = dataplane.http_protocol_factory(
+        port=port, scheme="https", tls_domain=None
+    )
     loop.run_until_complete(
         loop.create_server(factory, "127.0.0.1", port, ssl=ctx, backlog=1024)
     )
@@ -160,14 +165,28 @@ def wait_ready(port: int, timeout_s: float = 15.0) -> None:
 
 
 def run_wrk(port: int, path: str, duration_s: float, connections: int) -> float:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "-H", f"Host: {HOST}",
-           f"https://127.0.0.1:{port}{path}"]
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration_s:g}s",
+        "-H",
+        f"Host: {HOST}",
+        f"https://127.0.0.1:{port}{path}",
+    ]
     cpus = sorted(os.sched_getaffinity(0) - {0})
     if cpus and shutil.which("taskset"):
         cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 30).stdout
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration_s + 30
+    ).stdout
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None or "Non-2xx" in out or "Socket errors" in out and "timeout 0" not in out:
+    if (
+        match is None
+        or "Non-2xx" in out
+        or ("Socket errors" in out
+        and "timeout 0" not in out)
+    ):
         if match is None:
             raise RuntimeError(f"wrk gave no figure:\n{out}")
         print(f"  note: wrk reported errors:\n{out}", file=sys.stderr)
@@ -180,7 +199,9 @@ def _client(port: int, path: str, connections: int, until: float, out: Any) -> N
     ctx.verify_mode = ssl.CERT_NONE
     request = f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
     socks = [
-        ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname=HOST)
+        ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port)), server_hostname=HOST
+        )
         for _ in range(connections)
     ]
     done = 0
@@ -208,7 +229,8 @@ def run_python(port: int, path: str, duration_s: float, connections: int) -> flo
     until = start + duration_s
     workers = [
         multiprocessing.Process(
-            target=_client, args=(port, path, max(1, connections // procs), until, queue)
+            target=_client,
+            args=(port, path, max(1, connections // procs), until, queue),
         )
         for _ in range(procs)
     ]
@@ -223,7 +245,9 @@ def run_python(port: int, path: str, duration_s: float, connections: int) -> flo
 # -- the run -----------------------------------------------------------------
 
 
-def measure(server: str, case: str, files: dict[str, str], args: argparse.Namespace) -> float:
+def measure(
+    server: str, case: str, files: dict[str, str], args: argparse.Namespace
+) -> float:
     port = free_port()
     proc = multiprocessing.Process(
         target=SERVERS[server],
@@ -246,9 +270,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--client", choices=["wrk", "python"],
-                        default="wrk" if shutil.which("wrk") else "python")
+    parser.add_argument(
+        "--client",
+        choices=["wrk", "python"],
+        default="wrk" if shutil.which("wrk") else "python",
+    )
     parser.add_argument("--cases", default="hello,static,static-app")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     import trustme
@@ -256,7 +284,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ca = trustme.CA()
         leaf = ca.issue_cert(HOST, "127.0.0.1")
-        files = {"cert": f"{tmp}/cert.pem", "key": f"{tmp}/key.pem", "root": f"{tmp}/www"}
+        files = {
+            "cert": f"{tmp}/cert.pem",
+            "key": f"{tmp}/key.pem",
+            "root": f"{tmp}/www",
+        }
         leaf.cert_chain_pems[0].write_to_path(files["cert"])
         for pem in leaf.cert_chain_pems[1:]:
             pem.write_to_path(files["cert"], append=True)
@@ -264,13 +296,28 @@ def main() -> None:
         os.mkdir(files["root"])
         Path(files["root"], "small.txt").write_bytes(b"x" * FILE_BYTES)
 
-        print(f"client={args.client} connections={args.connections} "
-              f"duration={args.duration:g}s cpus={len(os.sched_getaffinity(0))}")
-        print(f"{'case':<12}{'arcology req/s':>16}{'uvicorn req/s':>16}{'ratio':>8}")
+        print(
+            f"client={args.client} connections={args.connections} "
+            f"duration={args.duration:g}s rounds={args.rounds} "
+            f"cpus={len(os.sched_getaffinity(0))}"
+        )
+        print(
+            f"{'case':<12}{'arcology req/s':>16}{'uvicorn req/s':>16}{'ratio':>8}"
+            "   (median of rounds; each round runs both, order alternating)"
+        )
         for case in args.cases.split(","):
-            ours = measure("arcology", case, files, args)
-            theirs = measure("uvicorn", case, files, args)
-            print(f"{case:<12}{ours:>16,.0f}{theirs:>16,.0f}{ours / theirs:>7.2f}x")
+            ours: list[float] = []
+            theirs: list[float] = []
+            for round_no in range(args.rounds):
+                order = ["arcology", "uvicorn"]
+                if round_no % 2:
+                    order.reverse()
+                for server in order:
+                    figure = measure(server, case, files, args)
+                    (ours if server == "arcology" else theirs).append(figure)
+            a, b = statistics.median(ours), statistics.median(theirs)
+            rounds = " ".join(f"{x:,.0f}/{y:,.0f}" for x, y in zip(ours, theirs))
+            print(f"{case:<12}{a:>16,.0f}{b:>16,.0f}{a / b:>7.2f}x   rounds: {rounds}")
 
 
 if __name__ == "__main__":
