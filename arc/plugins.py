@@ -113,11 +113,21 @@ class Plugin(Actor):
         answers when it cannot open the port (in use by another process).
         """
         dataplane = self.runtime.dataplane
-        owner = dataplane.port_apps.get(port)
-        if owner is not None and port not in self._served:
+        if port in dataplane.port_apps and port not in self._served:
             raise ConfigError(
                 f"{self.name}: port {port} is already served by another plugin"
             )
+
+        # Look before registering: HttpProtocol serves port_apps first, so an
+        # app registered on a service's port would answer in its place.
+        status = self.runtime.ask("Esper", "status", {}, timeout=LISTEN_TIMEOUT_S)
+        for listening in status.get("listeners", []):
+            if listening.get("port") == port and port not in self._served:
+                raise ConfigError(
+                    f"{self.name}: port {port} is already a listener of Arcology "
+                    f"(owner {listening.get('owner') or 'unknown'}); choose another "
+                    "port"
+                )
         dataplane.port_apps[port] = app
         try:
             answer = self.runtime.ask(
@@ -130,8 +140,7 @@ class Plugin(Actor):
             dataplane.port_apps.pop(port, None)
             raise
         if isinstance(answer, dict) and answer.get("already_open"):
-            # The port is a service's listener: taking it over would hide
-            # the service, so give it back untouched.
+            # Opened by someone else since the look above: give it back.
             dataplane.port_apps.pop(port, None)
             raise ConfigError(
                 f"{self.name}: port {port} is already a listener of Arcology "

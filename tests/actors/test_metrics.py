@@ -265,6 +265,33 @@ def test_stored_certificates_are_read_at_start_and_deletions_leave_the_figures(
     assert tracked["port"] == port
 
 
+def test_a_replaced_wildcard_certificate_shows_its_new_expiry(tmp_path: Path) -> None:
+    port = free_port()
+    config = metrics_config(tmp_path, port)
+    first_end = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    second_end = dt.datetime(2032, 2, 2, tzinfo=dt.UTC)
+    first = make_chain("*.example.com", "example.com", not_after=first_end)
+    second = make_chain("*.example.com", "example.com", not_after=second_end)
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": first.bundle()})
+        wait_for(lambda: len(samples(get(port)[2], EXPIRY)) == 2)
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": second.bundle()})
+        updated = wait_for(
+            lambda: (
+                set(samples(get(port)[2], EXPIRY).values()) == {second_end.timestamp()}
+            )
+        )
+        text = get(port)[2]
+
+    assert updated
+    assert samples(text, EXPIRY) == {
+        (("domain", "*.example.com"),): second_end.timestamp(),
+        (("domain", "example.com"),): second_end.timestamp(),
+    }
+
+
 def test_handshakes_and_cache_counters_come_from_esper_at_scrape_time(
     tmp_path: Path,
 ) -> None:
@@ -384,4 +411,7 @@ def test_a_port_that_a_service_listens_on_is_not_taken_over(
 
     assert started == []
     assert apps == {}
-    assert any(f"port {port} is already a listener" in e for e in errors), errors
+    assert any(
+        f"port {port} is already a listener of Arcology (owner Hyperion)" in e
+        for e in errors
+    ), errors
