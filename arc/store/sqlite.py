@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -106,16 +107,8 @@ class SqliteBackend:
 
     # -- opening ----------------------------------------------------------------
 
-    @staticmethod
-    def exists(path: Path) -> bool:
-        """Whether a store file is already there (and not empty)."""
-        return path.exists() and path.stat().st_size > 0
-
     def _open(self, path: Path) -> sqlite3.Connection:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Create the file ourselves so that it (and the WAL beside it) is 0600
-        # whatever the umask.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         try:
             db = sqlite3.connect(
                 path,
@@ -123,7 +116,16 @@ class SqliteBackend:
                 isolation_level=None,
                 check_same_thread=False,
             )
-        except sqlite3.Error as exc:
+            # Never open and close the file ourselves: closing any descriptor
+            # of it drops every POSIX lock this process holds on it, including
+            # those of other connections (the change feed's), after which a
+            # closing connection may think it is the last and remove the WAL
+            # under the others. chmod needs no descriptor. SQLite creates the
+            # -wal and -shm files with the database file's mode, so this
+            # comes before WAL mode is switched on.
+            if stat.S_IMODE(path.stat().st_mode) != 0o600:
+                os.chmod(path, 0o600)
+        except (sqlite3.Error, OSError) as exc:
             raise ConfigError(
                 f"certificate store {path} cannot be opened ({exc})"
             ) from exc
