@@ -305,6 +305,55 @@ def test_a_plugin_that_crashes_later_is_restarted_with_the_same_options(
     assert restarts == {"Cryptosaur": 0, "fragile": 1}
 
 
+class ServesThenCrashes(Plugin):
+    @dataclass(frozen=True)
+    class Options:
+        port: int
+
+    def on_start(self) -> None:
+        self.serve(self.options.port, self.page)
+
+    async def page(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"up"})
+
+    @verb("crash")
+    def crash(self, payload: Any) -> Any:
+        raise RuntimeError("plugin bug on purpose")
+
+
+def test_a_plugin_that_crashes_serves_its_port_again_once_restarted(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = config_in(
+        tmp_path,
+        '[plugins.pager]\nactor = "tests.arc.test_plugins:ServesThenCrashes"\n'
+        f"port = {port}\n",
+    )
+
+    def page() -> bytes | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                return bytes(r.read())
+        except OSError:
+            return None
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        before = page()
+        with pytest.raises(Internal):
+            rt.request("pager.crash")
+        back = wait_for(lambda: _restarts(rt)["pager"] == 1 and page() == b"up")
+
+    assert before == b"up"
+    assert back
+
+
+def _restarts(rt: Runtime) -> dict[str, int]:
+    return {a["name"]: a["restarts"] for a in rt.status()["actors"]}
+
+
 def _answers(rt: Runtime, full_verb: str) -> Any:
     try:
         return rt.request(full_verb, None, timeout=1)
