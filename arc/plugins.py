@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from loguru import logger
 
 from arc.actor import Actor
-from arc.errors import ArcError, ConfigError
+from arc.errors import ArcError, BadInput, ConfigError
 
 if TYPE_CHECKING:
     from arc.config import Config
@@ -112,8 +112,14 @@ class Plugin(Actor):
         already belongs to a service or another plugin, and the error Esper
         answers when it cannot open the port (in use by another process).
         """
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise BadInput(f"{self.name}: serve: port must be 1-65535 (got {port!r})")
         dataplane = self.runtime.dataplane
-        if port in dataplane.port_apps and port not in self._served:
+        if port in self._served:
+            # Serving again: the new application replaces the old one.
+            dataplane.port_apps[port] = app
+            return {"port": port, "tls": False, "already_open": True}
+        if port in dataplane.port_apps:
             raise ConfigError(
                 f"{self.name}: port {port} is already served by another plugin"
             )
@@ -122,7 +128,7 @@ class Plugin(Actor):
         # app registered on a service's port would answer in its place.
         status = self.runtime.ask("Esper", "status", {}, timeout=LISTEN_TIMEOUT_S)
         for listening in status.get("listeners", []):
-            if listening.get("port") == port and port not in self._served:
+            if listening.get("port") == port:
                 raise ConfigError(
                     f"{self.name}: port {port} is already a listener of Arcology "
                     f"(owner {listening.get('owner') or 'unknown'}); choose another "
@@ -159,10 +165,14 @@ class Plugin(Actor):
         self.runtime.tell("Esper", "stopListener", {"port": port})
         self.log.info("plugin listener closed name={n} port={p}", n=self.name, p=port)
 
-    def on_stop(self) -> None:
-        """Close the plugin's listeners; a subclass that overrides this calls it."""
+    def close_listeners(self) -> None:
+        """Close every listener opened with ``serve``."""
         for port in list(self._served):
             self.stop_serving(port)
+
+    def on_stop(self) -> None:
+        """Close the plugin's listeners (done also when an override forgets)."""
+        self.close_listeners()
 
 
 # -- options ------------------------------------------------------------------
@@ -448,10 +458,11 @@ class _Prepared:
 def _registered_class(
     name: str, cls: type[Actor], start_error: list[str]
 ) -> type[Actor]:
-    """A subclass of ``cls`` registered as ``name`` that keeps its start error.
+    """A subclass of ``cls`` registered as ``name``.
 
-    The runtime logs a crash in ``on_start`` with its traceback; keeping the
-    exception's text here lets ``start_plugins`` say why in its own line.
+    It keeps the text of an exception raised by ``on_start`` (the runtime
+    logs the traceback; ``start_plugins`` says why in its own line), and its
+    ``on_stop`` always closes the plugin's listeners.
     """
 
     def on_start(self: Actor) -> None:
@@ -461,9 +472,19 @@ def _registered_class(
             start_error[:] = [f"{type(exc).__name__}: {exc}"]
             raise
 
+    def on_stop(self: Actor) -> None:
+        # An override of on_stop that does not call the base must still not
+        # leave a port answering for a plugin that is gone.
+        try:
+            cls.on_stop(self)
+        finally:
+            if isinstance(self, Plugin):
+                self.close_listeners()
+
     namespace = {
         "name": name,
         "on_start": on_start,
+        "on_stop": on_stop,
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "__doc__": cls.__doc__,

@@ -350,6 +350,33 @@ def test_a_plugin_that_crashes_serves_its_port_again_once_restarted(
     assert back
 
 
+class ForgetsTheBase(ServesThenCrashes):
+    def on_stop(self) -> None:
+        ORDER.append("custom stop ran")
+
+
+def test_a_plugin_port_closes_even_when_on_stop_forgets_the_base(
+    tmp_path: Path,
+) -> None:
+    ORDER.clear()
+    port = free_port()
+    config = config_in(
+        tmp_path,
+        '[plugins.careless]\nactor = "tests.arc.test_plugins:ForgetsTheBase"\n'
+        f"port = {port}\n",
+    )
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        rt.remove("careless")
+        apps = dict(rt.dataplane.port_apps)
+        listeners = rt.ask("Esper", "status")["listeners"]
+
+    assert ORDER == ["custom stop ran"]
+    assert apps == {}
+    assert listeners == []
+
+
 def _restarts(rt: Runtime) -> dict[str, int]:
     return {a["name"]: a["restarts"] for a in rt.status()["actors"]}
 
