@@ -394,9 +394,11 @@ def _import_target(target: str, base_dir: Path) -> Any:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f'actor must be "module:Class" (got {target!r})')
+    # Appended, not prepended: a file in the configuration's folder must not
+    # shadow the standard library or an installed package for the process.
     folder = str(base_dir)
     if folder not in sys.path:
-        sys.path.insert(0, folder)
+        sys.path.append(folder)
     importlib.invalidate_caches()
     try:
         obj: Any = importlib.import_module(module_name)
