@@ -184,8 +184,7 @@ def run_wrk(port: int, path: str, duration_s: float, connections: int) -> float:
     if (
         match is None
         or "Non-2xx" in out
-        or ("Socket errors" in out
-        and "timeout 0" not in out)
+        or ("Socket errors" in out and "timeout 0" not in out)
     ):
         if match is None:
             raise RuntimeError(f"wrk gave no figure:\n{out}")
@@ -316,7 +315,8 @@ def main() -> None:
                     figure = measure(server, case, files, args)
                     (ours if server == "arcology" else theirs).append(figure)
             a, b = statistics.median(ours), statistics.median(theirs)
-            rounds = " ".join(f"{x:,.0f}/{y:,.0f}" for x, y in zip(ours, theirs))
+            pairs = zip(ours, theirs, strict=True)
+            rounds = " ".join(f"{x:,.0f}/{y:,.0f}" for x, y in pairs)
             print(f"{case:<12}{a:>16,.0f}{b:>16,.0f}{a / b:>7.2f}x   rounds: {rounds}")
 
 

@@ -116,6 +116,7 @@ class Exchange:
         "conn",
         "disconnected",
         "error",
+        "expect_continue",
         "extra_headers",
         "finished",
         "headers",
@@ -157,6 +158,7 @@ class Exchange:
         self.body_size = 0
         self.body_done = False
         self.error = 0
+        self.expect_continue = False
         self.disconnected = False
         self.response_started = False
         self.response_done = False
@@ -206,6 +208,11 @@ class Exchange:
 
     async def receive(self) -> Message:
         """The next ``http.request`` piece, or ``http.disconnect``."""
+        if self.expect_continue:
+            # RFC 9110 10.1.1: the application wants the body, ask for it.
+            self.expect_continue = False
+            if not self.body_done and not self.response_started:
+                self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         while not self.body and not self.body_done and not self.disconnected:
             self._waiter = self.conn.loop.create_future()
             await self._waiter
@@ -332,6 +339,8 @@ class Exchange:
         elif length is not None:
             parts.append(b"content-length: %d\r\n" % length)
         self._length = length
+        if self.expect_continue and not self.body_done:
+            self.keep_alive = False  # the body may or may not follow: close
         if not self.keep_alive:
             parts.append(b"connection: close\r\n")
         elif self.http_version == "1.0":

@@ -179,9 +179,14 @@ class RoutingTable:
                 hosts.setdefault(normalize_host(host), []).append(route)
         return cls({h: tuple(r) for h, r in hosts.items()}, services)
 
-    def routes_for(self, host: str) -> tuple[Route, ...]:
-        """Every route of a host (normalized here), exact before wildcard."""
-        host = normalize_host(host)
+    def routes_for(self, host: str, *, normalized: bool = False) -> tuple[Route, ...]:
+        """Every route of a host, exact before wildcard.
+
+        ``normalized`` says the caller already lower-cased it and removed the
+        port (the request path does, once).
+        """
+        if not normalized:
+            host = normalize_host(host)
         routes = self._hosts.get(host)
         if routes is None and valid_host(host):
             wildcard = wildcard_of(host)

@@ -75,6 +75,11 @@ KEEP_ALIVE_IDLE_S = 5.0
 # Request body waiting for the application before reading pauses.
 BODY_HIGH_WATER_BYTES = 256 * 1024
 
+# Host header values seen lately and their normalized form: the same few
+# values repeat on every request, and normalizing costs more than a lookup.
+NORMALIZED_CACHE_ENTRIES = 1024
+_NORMALIZED: dict[str, str] = {}
+
 # Idle states of the connection, for the one timer.
 _BUSY, _IDLE, _HEADERS = 0, 1, 2
 
@@ -238,15 +243,20 @@ class HttpProtocol(asyncio.Protocol):
         parser = self.parser
         url = self._url
         host = b""
+        hosts = 0
         length = -1
+        expect = False
         for name, value in self._headers:
             if name == b"host":
                 host = value
+                hosts += 1
             elif name == b"content-length":
                 try:
                     length = int(value)
                 except ValueError:
                     length = self.max_body + 1
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
 
         # The target: origin-form is the common case; absolute-form names
         # the host itself and wins over the Host header (RFC 9112 3.2.2).
@@ -277,9 +287,11 @@ class HttpProtocol(asyncio.Protocol):
             parser.should_keep_alive(),
         )
 
+        ex.expect_continue = expect and version == "1.1"
+
         # Requests that are refused before any byte of their body.
-        if not raw_path:
-            ex.error = 400
+        if not raw_path or hosts > 1:
+            ex.error = 400  # RFC 9112 3.2: more than one Host is refused
         elif not host and version == "1.1":
             ex.error = 400  # RFC 9112 3.2: a 1.1 request without Host
         elif length > self.max_body:
@@ -337,8 +349,13 @@ class HttpProtocol(asyncio.Protocol):
                 return
 
         # Host routing: exact, then the wildcard one label up.
-        host = normalize_host(ex.host)
-        routes = self.dataplane.routes.routes_for(host)
+        host = _NORMALIZED.get(ex.host)
+        if host is None:
+            host = normalize_host(ex.host)
+            if len(_NORMALIZED) >= NORMALIZED_CACHE_ENTRIES:
+                _NORMALIZED.clear()
+            _NORMALIZED[ex.host] = host
+        routes = self.dataplane.routes.routes_for(host, normalized=True)
         if not routes:
             self._error(ex, 404)
             return
@@ -435,6 +452,10 @@ class HttpProtocol(asyncio.Protocol):
             self.finish(ex)
 
     def _head(self, ex: Exchange, status: int, extra: bytes, length: int) -> bytes:
+        if ex.expect_continue and not ex.body_done:
+            # The client waits for 100 Continue that will not come; it may
+            # send the body or not, so the framing is unknown: close after.
+            ex.keep_alive = False
         if ex.keep_alive:
             conn = b"connection: keep-alive\r\n" if ex.http_version == "1.0" else b""
         else:

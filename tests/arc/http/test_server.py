@@ -607,3 +607,63 @@ def test_a_large_file_is_streamed_whole(plane: Plane, www: Path) -> None:
 
     assert body == data
     assert after == b"hello world"
+
+
+def test_expect_100_continue_is_answered_when_the_app_reads_the_body(
+    plane: Plane, www: Path, tmp_path: Path
+) -> None:
+    plain, _ = shared(plane, www)
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"b" * 900)
+    started = time.monotonic()
+
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--expect100-timeout",
+            "5",
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            "Host: app.example.com",
+            "--data-binary",
+            f"@{body}",
+            f"http://127.0.0.1:{plain}/",
+        ],
+        capture_output=True,
+        timeout=20,
+        check=True,
+    ).stdout
+
+    assert out == b"b" * 900
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_final_answer_without_100_continue_closes_the_connection(
+    plane: Plane, www: Path
+) -> None:
+    plain, _ = shared(plane, www)
+
+    answer = raw_exchange(
+        plain,
+        b"POST /hello.txt HTTP/1.1\r\nHost: opt.example.com\r\nContent-Length: 10\r\n"
+        b"Expect: 100-continue\r\n\r\n",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 405 ")
+    assert b"100 Continue" not in answer
+    assert b"connection: close" in answer
+
+
+def test_two_host_headers_get_400(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+
+    answer = raw_exchange(
+        plain,
+        b"GET / HTTP/1.1\r\nHost: opt.example.com\r\nHost: evil.example\r\n\r\n",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 400 ")
