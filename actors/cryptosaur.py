@@ -54,7 +54,7 @@ from arc.actor import Actor, Envelope, verb
 from arc.bundle import days_left, iso_utc, parse_bundle
 from arc.changefeed import ChangeFeed
 from arc.config import Config
-from arc.errors import BadInput, NotFound
+from arc.errors import BadInput, Busy, NotFound
 from arc.messages import encode_request
 from arc.names import candidates, normalise_domain
 from arc.runtime import Runtime
@@ -136,7 +136,7 @@ class Cryptosaur(Actor):
 
     def _store(self) -> Store:
         if self.store is None:
-            raise NotFound("Cryptosaur: the certificate store is not open")
+            raise Busy("Cryptosaur: the certificate store is not open; retry shortly")
         return self.store
 
     # -- verbs ------------------------------------------------------------------
