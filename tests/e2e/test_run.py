@@ -1,0 +1,130 @@
+"""``arcology run`` and ``scripts/run`` as a new user meets them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.server import ArcologyProcess, free_port, wait_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def plain_config(tmp_path: Path, admin_port: int, http_port: int) -> str:
+    (tmp_path / "site").mkdir(exist_ok=True)
+    (tmp_path / "site" / "index.html").write_text("hello from the site\n")
+    return f"""
+        [arcology]
+        admin = "127.0.0.1:{admin_port}"
+        bind = ["127.0.0.1"]
+
+        [[services]]
+        name = "site"
+        hosts = ["localhost", "127.0.0.1"]
+        port = {http_port}
+        root = "site"
+        """
+
+
+def test_embedded_defaults_serve_http_https_and_admin_and_ctrl_c_exits_0(
+    tmp_path: Path,
+) -> None:
+    server = ArcologyProcess(tmp_path)
+
+    with server:
+        wait_port(8080)
+        wait_port(8443)
+        wait_port(7399)
+        page = urllib.request.urlopen("http://localhost:8080/", timeout=5).read()
+        trust = ssl.create_default_context(cafile=str(server.data_dir / "ca.pem"))
+        secure = urllib.request.urlopen(
+            "https://localhost:8443/", timeout=5, context=trust
+        ).read()
+        status = server.stop(signal.SIGINT)
+
+    assert b"Arcology" in page
+    assert secure == page
+    assert status == 0
+    assert "stopped" in server.log()
+    assert "threads still running" not in server.log()
+
+
+def test_sigterm_stops_every_actor_and_exits_0(tmp_path: Path) -> None:
+    http_port, admin_port = free_port(), free_port()
+    server = ArcologyProcess(
+        tmp_path, plain_config(tmp_path, admin_port, http_port)
+    ).start()
+    wait_port(http_port)
+
+    status = server.stop(signal.SIGTERM)
+
+    assert status == 0
+    log = server.log()
+    assert "signal=SIGTERM" in log
+    assert log.index("listener closed") < log.rindex("stopped")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", http_port), timeout=1)
+
+
+def test_json_logs_are_one_object_per_line_without_the_admin_token(
+    tmp_path: Path,
+) -> None:
+    http_port, admin_port = free_port(), free_port()
+    server = ArcologyProcess(
+        tmp_path,
+        plain_config(tmp_path, admin_port, http_port),
+        extra_args=("--log-format", "json"),
+    )
+
+    with server:
+        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=5).read()
+        server.wait_for("access")
+        server.stop()
+
+    records = [json.loads(line) for line in server.lines if line.startswith("{")]
+    assert records and len(records) == len(server.lines)
+    messages = [r["record"]["message"] for r in records]
+    assert any(m.startswith("running actors=") for m in messages)
+    token = (server.data_dir / "admin.token").read_text().strip()
+    assert token not in server.log()
+
+
+def test_a_fresh_clone_starts_with_scripts_run(tmp_path: Path) -> None:
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.fail("the fresh-clone test needs the project's git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(
+        ["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120
+    )
+    http_port, admin_port = free_port(), free_port()
+    config = tmp_path / "arcology.toml"
+    config.write_text(plain_config(tmp_path, admin_port, http_port))
+
+    process = subprocess.Popen(
+        [str(clone / "scripts" / "run"), "--config", str(config)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_port(http_port, timeout=300)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=5)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+    assert page.read() == b"hello from the site\n"
+    assert process.returncode == 0, output
+    assert (clone / ".venv" / "bin" / "arcology").exists()
