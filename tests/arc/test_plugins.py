@@ -230,6 +230,45 @@ def test_a_plugin_is_registered_under_its_table_name_whatever_its_class_says(
     assert Renamed.name == "SomethingElse"
 
 
+class Listens(Plugin):
+    hears = ("Esper.listenerOpened", "Esper.listenerClosed")
+
+    def on_start(self) -> None:
+        self.heard: list[Any] = []
+
+    @verb("Esper.listenerOpened")
+    def opened(self, payload: Any) -> None:
+        self.heard.append(["opened", payload])
+
+    @verb("Esper.listenerClosed")
+    def closed(self, payload: Any) -> None:
+        self.heard.append(["closed", payload])
+
+    @verb("heard")
+    def report(self, payload: Any) -> Any:
+        return self.heard
+
+
+def test_a_plugin_hears_esper_open_and_close_listeners(tmp_path: Path) -> None:
+    port = free_port()
+    config = config_in(
+        tmp_path, '[plugins.ears]\nactor = "tests.arc.test_plugins:Listens"\n'
+    )
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        rt.ask("Esper", "listen", {"port": port, "tls": False})
+        rt.ask("Esper", "stopListener", {"port": port})
+        both = wait_for(lambda: len(rt.request("ears.heard")) == 2)
+        heard = rt.request("ears.heard")
+
+    assert both
+    assert heard == [
+        ["opened", {"port": port, "tls": False}],
+        ["closed", {"port": port, "tls": False}],
+    ]
+
+
 class AskOnStop(Plugin):
     needs = ("Cryptosaur",)
 
