@@ -3,8 +3,8 @@
 Which worker served a connection is read from the access log: every line a
 worker writes ends with ``worker=I``, and each test connection sends one
 HTTP request, so each accepted connection leaves exactly one access line
-naming the host and the worker. The store is SQLite, so the workers hear
-each other through the change feed's 200 ms poll.
+naming the host and the worker. With SQLite the workers hear each other
+through the change feed's 200 ms poll; with PostgreSQL by notification.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import pytest
 from tests.certs import make_chain
 from tests.e2e.probe import ai1, node_config, served
 from tests.e2e.server import ArcologyProcess
+from tests.pg import ThrowawayPostgres, postgres_server
+
+__all__ = ["postgres_server"]
 
 WITHIN_S = 1.0
 CONNECTIONS = 40
@@ -31,9 +34,9 @@ ACCESS_RE = re.compile(r"access .*host=(?P<host>\S+) .* worker=(?P<worker>\d+)$"
 class Workers:
     """A running ``--workers 2`` parent with its ports."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, store: str = "sqlite") -> None:
         text, self.ports = node_config(
-            folder, store="sqlite", master_key=None, hosts=["*.workers.test"]
+            folder, store=store, master_key=None, hosts=["*.workers.test"]
         )
         self.folder = folder
         self.process = ArcologyProcess(folder, text, extra_args=("--workers", "2"))
@@ -69,9 +72,13 @@ class Workers:
         return pids
 
 
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    running = Workers(tmp_path).start()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def workers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Workers]:
+    store = "sqlite"
+    if request.param == "postgresql":
+        server: ThrowawayPostgres = request.getfixturevalue("postgres_server")
+        store = server.create_database()
+    running = Workers(tmp_path, store).start()
     try:
         yield running
     finally:
