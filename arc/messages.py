@@ -113,7 +113,9 @@ def encode_ok(reply: int | None, payload: Any) -> bytes:
 
 def encode_error(reply: int | None, error: ArcError) -> bytes:
     """Encode an error answer."""
-    return pack({"reply": reply, "error": {"kind": error.kind, "message": error.message}})
+    return pack(
+        {"reply": reply, "error": {"kind": error.kind, "message": error.message}}
+    )
 
 
 def decode_answer(data: bytes) -> tuple[int | None, Any]:
