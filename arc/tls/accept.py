@@ -90,6 +90,9 @@ PEEK_RETRY_S = 0.005
 # Reads that discard what a refused peer sent, at most; a peer still
 # sending after that gets a reset, which it has earned.
 REFUSE_DRAIN_READS = 4
+# Protocol factories kept per certificate domain (they are cheap, but one
+# per connection is waste); past this many the table starts over.
+MAX_FACTORIES = 4096
 # The fallback value that refuses a handshake without a usable certificate.
 FALLBACK_REJECT = "reject"
 
@@ -175,6 +178,7 @@ class TlsListener:
         self.handshake_timeout_s = handshake_timeout_s
         self.stats = stats or ConnectionStats()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._factories: dict[str, Callable[[], asyncio.Protocol]] = {}
         self._closed = False
 
     def start(self) -> None:
@@ -231,7 +235,13 @@ class TlsListener:
         deadline = self.loop.time() + self.handshake_timeout_s
         try:
             hello = await read_client_hello(self.loop, sock, deadline)
-            entry = await self._choose(hello, deadline)
+            # The common case, a cached name, costs no further await.
+            name = hello.server_name
+            entry = None
+            if name is not None and self.plane.routes.tls_allowed(name):
+                entry = self.cache.lookup(name)
+            if entry is None:
+                entry = await self._choose(hello, deadline)
         except HandshakeRefused as exc:
             self.stats.rejected += 1
             self.stats.handshake_failures += 1
@@ -250,12 +260,9 @@ class TlsListener:
             return
 
         # The handshake and everything after belong to the transport.
-        factory = self.plane.http_protocol_factory(
-            port=self.port, scheme="https", tls_domain=entry.domain
-        )
         try:
             await self.loop.connect_accepted_socket(
-                self.stats.counted(factory),
+                self._factory(entry.domain),
                 sock,
                 ssl=entry.context,
                 ssl_handshake_timeout=self.handshake_timeout_s,
@@ -266,6 +273,20 @@ class TlsListener:
             sock.close()
             return
         self.stats.handshakes += 1
+
+    def _factory(self, domain: str) -> Callable[[], asyncio.Protocol]:
+        """The counted HTTP protocol factory for a certificate's domain."""
+        factory = self._factories.get(domain)
+        if factory is None:
+            if len(self._factories) >= MAX_FACTORIES:
+                self._factories.clear()
+            factory = self.stats.counted(
+                self.plane.http_protocol_factory(
+                    port=self.port, scheme="https", tls_domain=domain
+                )
+            )
+            self._factories[domain] = factory
+        return factory
 
     async def _choose(self, hello: ClientHello, deadline: float) -> CachedContext:
         """The context for this ClientHello, or HandshakeRefused."""
