@@ -158,15 +158,16 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # LIMITATION: no WebSocket or h2c upgrade; the request is answered
-            # as plain HTTP/1.1 and the connection closes after it, because
-            # the bytes after an Upgrade head are not parsed.
+            # The parser stops at an Upgrade head (see on_headers_complete):
+            # answer what came, then close.
             self._stop_reading()
             ex = self._parsing
             if ex is not None:
                 ex.keep_alive = False
                 ex.end_body()
                 self._parsing = None
+            if self._active is None and not self._queue:
+                self._close()
         except httptools.HttpParserError as exc:
             too_large = isinstance(exc.__context__, _HeadersTooLarge)
             self._peer_error(431 if too_large else 400)
@@ -246,6 +247,7 @@ class HttpProtocol(asyncio.Protocol):
         hosts = 0
         length = -1
         expect = False
+        upgrade = False
         for name, value in self._headers:
             if name == b"host":
                 host = value
@@ -257,6 +259,8 @@ class HttpProtocol(asyncio.Protocol):
                     length = self.max_body + 1
             elif name == b"expect":
                 expect = value.lower() == b"100-continue"
+            elif name == b"upgrade":
+                upgrade = True
 
         # The target: origin-form is the common case; absolute-form names
         # the host itself and wins over the Host header (RFC 9112 3.2.2).
@@ -288,6 +292,11 @@ class HttpProtocol(asyncio.Protocol):
         )
 
         ex.expect_continue = expect and version == "1.1"
+        if upgrade:
+            # LIMITATION: no WebSocket or h2c; the request is answered as
+            # HTTP/1.1 and the connection closes after it, since the parser
+            # stops at an Upgrade head.
+            ex.keep_alive = False
 
         # Requests that are refused before any byte of their body.
         if not raw_path or hosts > 1:

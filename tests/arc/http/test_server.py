@@ -667,3 +667,21 @@ def test_two_host_headers_get_400(plane: Plane, www: Path) -> None:
     )
 
     assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_an_upgrade_request_is_answered_as_http_then_closed(
+    plane: Plane, www: Path
+) -> None:
+    plain, _ = shared(plane, www)
+    started = time.monotonic()
+
+    answer = raw_exchange(
+        plain,
+        b"GET /hello.txt HTTP/1.1\r\nHost: opt.example.com\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" in answer
+    assert time.monotonic() - started < 2.0
