@@ -61,8 +61,8 @@ DEFAULT_LISTEN = "127.0.0.1:9464"
 # A scrape asks Esper; Prometheus' default scrape timeout is 10 s, so
 # answer well within it even when Esper is slow.
 SOURCE_TIMEOUT_S = 2.0
-# Certificate summaries asked on one change; a bigger change reads the list.
-MAX_SHOW_PER_CHANGE = 64
+# Domains of one change asked one by one; a bigger change reads the list.
+MAX_SHOW_PER_CHANGE = 256
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
@@ -452,8 +452,12 @@ class Metrics(Plugin):
         if not isinstance(domains, list) or len(domains) > MAX_SHOW_PER_CHANGE:
             self.read_all()
             return
+        # One showCertificate answers for every domain of its certificate
+        # (they share one not_after), so a bundle with many domains costs
+        # one ask; a deleted domain costs one NotFound.
+        done: set[str] = set()
         for domain in domains:
-            if not isinstance(domain, str):
+            if not isinstance(domain, str) or domain in done:
                 continue
             try:
                 summary = self.runtime.ask(
@@ -467,7 +471,10 @@ class Metrics(Plugin):
                 # has no certificate of its own any more.
                 self.expiry.pop(domain, None)
                 continue
-            self.expiry.update(_expiry_of(summary))
+            not_after = iso_to_unix(summary["not_after"])
+            for name in summary.get("domains") or [domain]:
+                self.expiry[name] = not_after
+                done.add(name)
         self._publish()
         self.log.debug("certificate expiry updated domains={d}", d=",".join(domains))
 
