@@ -25,6 +25,7 @@ from actors.metrics import (
     esper_families,
     format_value,
     iso_to_unix,
+    metrics_port,
     render,
     request_families,
     runtime_families,
@@ -415,3 +416,34 @@ def test_a_port_that_a_service_listens_on_is_not_taken_over(
         f"port {port} is already a listener of Arcology (owner Hyperion)" in e
         for e in errors
     ), errors
+
+
+def test_each_worker_serves_metrics_on_its_own_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ARCOLOGY_WORKER", "2")
+
+    assert metrics_port("127.0.0.1:9464", ("127.0.0.1",)) == 9466
+
+
+@pytest.mark.parametrize(
+    ("listen", "bind", "served"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", "::1"), True),
+        ("[::1]:9464", ("127.0.0.1", "::1"), True),
+        ("localhost:9464", ("127.0.0.1",), True),
+        ("10.0.0.5:9464", ("0.0.0.0",), True),
+        ("10.0.0.5:9464", ("::",), False),
+        ("10.0.0.5:9464", ("127.0.0.1",), False),
+        ("metrics.internal:9464", ("0.0.0.0",), False),
+    ],
+)
+def test_listen_must_be_an_address_esper_binds(
+    listen: str, bind: tuple[str, ...], served: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ARCOLOGY_WORKER", raising=False)
+    if served:
+        assert metrics_port(listen, bind) == 9464
+    else:
+        with pytest.raises(ConfigError, match="is not among the bind addresses"):
+            metrics_port(listen, bind)
