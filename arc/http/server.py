@@ -38,9 +38,11 @@ moves ``_deadline``; when the timer fires it compares the clock with the
 deadline in force and either acts or re-arms itself. A busy keep-alive
 connection therefore costs no timer operation per request.
 
-Flow control: reading pauses while requests wait behind the active one and
-while more than ``BODY_HIGH_WATER_BYTES`` of body waits for the application;
-a streaming response waits for the transport to drain when it is paused.
+Flow control: reading pauses while requests wait behind the active one,
+while more than ``BODY_HIGH_WATER_BYTES`` of body waits for the application,
+and while the transport's write buffer is above its high mark (a client that
+does not read its answers gets no more of its requests read); a streaming
+response waits for the transport to drain.
 
 What it does not do yet: no WebSocket and no HTTP/2 (see the LIMITATION
 marks); an upload that stalls mid-body has no timeout of its own.
@@ -201,13 +203,15 @@ class HttpProtocol(asyncio.Protocol):
         self._wake_drain()
 
     def pause_writing(self) -> None:
-        """The transport buffer is high: streaming responses wait."""
+        """The transport buffer is high: stop reading, streaming responses wait."""
         self._write_paused = True
+        self._pause()
 
     def resume_writing(self) -> None:
         """The transport buffer drained."""
         self._write_paused = False
         self._wake_drain()
+        self._maybe_resume()
 
     # -- parser callbacks (httptools) ---------------------------------------
 
@@ -581,7 +585,7 @@ class HttpProtocol(asyncio.Protocol):
     def _maybe_resume(self) -> None:
         if not self._reading_paused or self.closed or self._stop_parsing:
             return
-        if self._queue:
+        if self._queue or self._write_paused:
             return
         parsing = self._parsing
         if parsing is not None and parsing.body_buffered > BODY_HIGH_WATER_BYTES:

@@ -685,3 +685,33 @@ def test_an_upgrade_request_is_answered_as_http_then_closed(
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert b"connection: close" in answer
     assert time.monotonic() - started < 2.0
+
+
+def test_a_client_that_reads_late_gets_every_pipelined_answer_whole_and_in_order(
+    plane: Plane, www: Path
+) -> None:
+    data = [bytes([65 + n]) * 300_000 for n in range(8)]
+    for n, blob in enumerate(data):
+        (www / f"f{n}.bin").write_bytes(blob)
+    plain, _ = shared(plane, www)
+    sock = socket.create_connection(("127.0.0.1", plain), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    asks = b"".join(
+        b"GET /f%d.bin HTTP/1.1\r\nHost: opt.example.com\r\n\r\n" % n for n in range(8)
+    )
+    sock.sendall(
+        asks + b"GET /hello.txt HTTP/1.1\r\nHost: opt.example.com\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    time.sleep(0.3)
+
+    received = b""
+    while chunk := sock.recv(1 << 20):
+        received += chunk
+    sock.close()
+
+    bodies = [
+        part.split(b"\r\n\r\n", 1)[1] for part in received.split(b"HTTP/1.1 200 OK")[1:]
+    ]
+    assert [b[:300_000] for b in bodies[:8]] == data
+    assert bodies[8] == b"hello world"
