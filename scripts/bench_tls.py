@@ -204,7 +204,10 @@ def serve_arcology(
         root=Path(site),
     )
     with running([Cryptosaur, Esper], config) as runtime:
-        runtime.dataplane.install_routes(RoutingTable.build([service], config.arcology))
+        plane = runtime.dataplane
+        plane.install_routes(RoutingTable.build([service], config.arcology))
+        if fixed:
+            plane.http_protocol_factory = lambda **_: Answer  # type: ignore[method-assign]
         runtime.ask("Esper", "listen", {"port": port, "tls": True})
         control.send("listening")
         while True:
