@@ -97,6 +97,7 @@ class Cryptosaur(Actor):
             settings,
             lambda domains: self.runtime.announce(CHANGED, {"domains": domains}),
             start_seq=seq,
+            owner=self.runtime,
         )
         self.feed.start()
         self._ticker = threading.Thread(

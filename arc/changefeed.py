@@ -35,6 +35,12 @@ sequence number is *below* ``last_seq`` was replaced (restored from a
 backup, or a new one); then no sequence number can be trusted and every
 stored domain is announced.
 
+Restarts. A feed keeps its position per owner (Cryptosaur passes its
+runtime), so when Cryptosaur crashes and is restarted, the new feed resumes
+where the old one stopped and a change made in between is still announced;
+Esper's cache, which outlives Cryptosaur, would otherwise keep a stale
+context.
+
 What always holds: the feed never raises into its caller, ``stop`` returns
 within about ``WAIT_S`` plus one query, and nothing it logs carries a key.
 """
@@ -44,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -75,6 +82,10 @@ STOP_TIMEOUT_S = 10.0
 
 log = logger.bind(actor="cryptosaur")
 
+# Where each owner's feed had read up to; outlives a feed (and the Cryptosaur
+# instance that ran it) but not the owner.
+_positions: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+
 
 def store_label(settings: StoreSettings) -> str:
     """Where the store is, for log lines (never a password)."""
@@ -93,6 +104,7 @@ class ChangeFeed:
         *,
         start_seq: int | None = None,
         open_backend: Callable[[StoreSettings], Backend] | None = None,
+        owner: object | None = None,
     ) -> None:
         """Prepare the feed; ``start`` runs it.
 
@@ -103,6 +115,10 @@ class ChangeFeed:
             start_seq: the sequence number already known (Cryptosaur reads it
                 when it opens the store); None means the current last one.
             open_backend: opens a backend (tests pass their own).
+            owner: what the position belongs to (Cryptosaur passes its
+                runtime): a feed started again for the same owner, after a
+                crash and restart of Cryptosaur, resumes where the last one
+                stopped, so a change made meanwhile is still announced.
         """
         if open_backend is None:
             from arc.store import open_backend as default_open
@@ -110,6 +126,9 @@ class ChangeFeed:
             open_backend = default_open
         self.settings = settings
         self.where = store_label(settings)
+        self._owner = owner
+        if owner is not None and owner in _positions:
+            start_seq = _positions[owner]
         self.last_seq = start_seq
         self._on_foreign = on_foreign
         self._open_backend = open_backend
@@ -193,6 +212,7 @@ class ChangeFeed:
                     self.last_seq = backend.current_seq()
                 else:
                     self._check_not_replaced(backend)
+                self._remember()
             except BaseException:
                 backend.close()
                 raise
@@ -240,6 +260,7 @@ class ChangeFeed:
                     seen.add(domain)
                     foreign.append(domain)
             self.last_seq = changes[-1][0]
+            self._remember()
             # Marks below the position can never match again.
             self._own = {s for s in self._own if s > self.last_seq}
         if foreign:
@@ -249,6 +270,10 @@ class ChangeFeed:
                 s=self.last_seq,
             )
             self._announce(foreign)
+
+    def _remember(self) -> None:
+        if self._owner is not None and self.last_seq is not None:
+            _positions[self._owner] = self.last_seq
 
     def _announce(self, domains: list[str]) -> None:
         try:

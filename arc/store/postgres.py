@@ -106,6 +106,7 @@ MIGRATIONS: dict[int, list[str]] = {
             value BYTEA NOT NULL
         )""",
     ],
+    2: ["CREATE INDEX arc_certificates_by_not_after ON arc_certificates (not_after)"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -291,6 +292,34 @@ class PostgresBackend:
             }
             for row in rows
         ]
+
+    def expiring(self, before: dt.datetime) -> Summaries:
+        """Certificates ending before ``before``: fingerprint, not_after, domains.
+
+        Soonest first. Reads the ``not_after`` index, not the whole table.
+        """
+
+        def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT c.fingerprint, c.not_after, d.domain FROM arc_certificates c "
+                "JOIN arc_domains d ON d.fingerprint = c.fingerprint "
+                "WHERE c.not_after < %s "
+                'ORDER BY c.not_after, c.fingerprint, d.domain COLLATE "C"',
+                (before.replace(microsecond=0),),
+            ).fetchall()
+
+        found: dict[str, dict[str, Any]] = {}
+        for fingerprint, not_after, domain in self._run(work):
+            entry = found.setdefault(
+                fingerprint,
+                {
+                    "fingerprint": fingerprint,
+                    "not_after": _iso_z(not_after),
+                    "domains": [],
+                },
+            )
+            entry["domains"].append(domain)
+        return list(found.values())
 
     def domains_of(self, fingerprint: str) -> Domains:
         """The domains pointing at the certificate ``fingerprint``, sorted."""

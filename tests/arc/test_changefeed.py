@@ -162,3 +162,27 @@ def test_a_replaced_database_announces_every_domain(tmp_path: Path) -> None:
     finally:
         feed.stop()
         store.close()
+
+
+def test_a_feed_started_again_for_the_same_owner_announces_what_came_between(
+    tmp_path: Path,
+) -> None:
+    settings = settings_for(tmp_path)
+    store = open_store(settings)
+    owner = Heard()  # any object that can be weakly referenced, like a Runtime
+    heard = Heard()
+    first = ChangeFeed(settings, heard, start_seq=store.current_seq(), owner=owner)
+    first.start()
+    time.sleep(0.3)
+    first.stop()
+
+    # A change while no feed runs (Cryptosaur restarting after a crash); the
+    # new feed is told the store's current position, as Cryptosaur does.
+    store.put(parse_bundle(make_chain("between.example.com").bundle()))
+    second = ChangeFeed(settings, heard, start_seq=store.current_seq(), owner=owner)
+    second.start()
+    try:
+        heard.wait_for("between.example.com", HEARD_WITHIN_S)
+    finally:
+        second.stop()
+        store.close()

@@ -1,15 +1,17 @@
 """The PostgreSQL backend: the store's behaviour, on a real throwaway server.
 
-The behaviour tests run over both backends (``store`` is parametrized), so
-PostgreSQL is held to exactly what SQLite does; the tests after them are
-about what only a shared database has: schema migrations raced by two nodes,
-notifications at commit, the order of the change sequence under concurrent
-writers, and an outage.
+Every test of ``tests/arc/store/test_sqlite.py`` that needs nothing but a
+``store`` is collected here too and runs against PostgreSQL, so the new
+backend is held to exactly what SQLite does; the behaviour tests below add
+to them. The tests after those are about what only a shared database has:
+schema migrations raced by two nodes, notifications at commit, the order of
+the change sequence under concurrent writers, and an outage.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from arc.config import Config, Settings
 from arc.errors import Busy, ConfigError
 from arc.store import Store, lookup, open_store
 from arc.store.postgres import SCHEMA_VERSION, PostgresBackend
+from tests.arc.store import test_sqlite as sqlite_tests
 from tests.certs import make_chain
 from tests.pg import ThrowawayPostgres, own_postgres, pg_url, postgres_server
 
@@ -34,21 +37,31 @@ def settings_for(tmp_path: Path, store: str) -> Settings:
     )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    kind = "sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    opened = open_store(settings_for(tmp_path, kind))
+@pytest.fixture
+def store(pg_url: str, tmp_path: Path) -> Iterator[Store]:
+    opened = open_store(settings_for(tmp_path, pg_url))
     try:
         yield opened
     finally:
         opened.close()
 
 
+# The SQLite backend's behaviour tests that take only a store, run here on
+# PostgreSQL (pytest gives them this module's ``store``).
+for _name, _test in vars(sqlite_tests).copy().items():
+    if (
+        _name.startswith("test_")
+        and callable(_test)
+        and list(inspect.signature(_test).parameters) == ["store"]
+    ):
+        globals()[_name] = _test
+
+
 def bundle_for(*names: str) -> bytes:
     return make_chain(*names).bundle()
 
 
-# -- the same behaviour as SQLite --------------------------------------------------
+# -- more of the same behaviour ---------------------------------------------------
 
 
 def test_a_put_bundle_is_served_with_its_key_for_every_domain(store: Store) -> None:
