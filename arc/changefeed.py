@@ -284,7 +284,9 @@ class ChangeFeed:
 
     def _lost(self, exc: Exception) -> None:
         self._close()
-        reason = exc.message if isinstance(exc, ArcError) else f"{exc}"
+        # The driver's own words name the cause; the store is named already.
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        reason = cause.message if isinstance(cause, ArcError) else f"{cause}"
         if self.outage_since is None:
             self.outage_since = time.monotonic()
             log.warning(
