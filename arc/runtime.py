@@ -67,6 +67,7 @@ class _Slot:
     ref: pykka.ActorRef[Actor] | None = None
     state: str = "stopped"
     restarts: int = 0
+    started_once: bool = False
     crashes: list[float] = field(default_factory=list)
 
 
@@ -230,6 +231,7 @@ class Runtime:
             slot = self._slots.get(name)
             if slot is not None and slot.ref is not None and slot.ref.actor_urn == urn:
                 slot.state = "running"
+                slot.started_once = True
 
     def actor_crashed(self, name: str, urn: str, exc: BaseException | None) -> None:
         """Called by a crashing actor (in its own thread) to be restarted."""
@@ -238,6 +240,10 @@ class Runtime:
             if slot is None or slot.ref is None or slot.ref.actor_urn != urn:
                 return
             slot.ref = None
+            if not slot.started_once:
+                # A crash in the first on_start: add() reports it, no restart.
+                slot.state = "failed"
+                return
             slot.state = "restarting"
         self._restarts.put((name, urn))
 
