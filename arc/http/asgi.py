@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 from loguru import logger
 
@@ -76,6 +76,13 @@ def date_header() -> bytes:
         )
     value: bytes = _DATE[1]
     return value
+
+
+def decode_path(raw_path: bytes) -> str:
+    """The ASGI ``path``: percent-decoded once, UTF-8 (invalid bytes replaced)."""
+    if b"%" not in raw_path and raw_path.isascii():
+        return raw_path.decode("ascii")
+    return unquote_to_bytes(raw_path).decode("utf-8", "replace")
 
 
 class Connection(Protocol):
@@ -375,9 +382,7 @@ class Exchange:
             "http_version": self.http_version,
             "method": self.method,
             "scheme": scheme,
-            "path": unquote(self.raw_path.decode("latin-1"), errors="surrogateescape")
-            if b"%" in self.raw_path
-            else self.raw_path.decode("latin-1"),
+            "path": decode_path(self.raw_path),
             "raw_path": self.raw_path,
             "query_string": self.query,
             "root_path": "",
