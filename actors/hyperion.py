@@ -167,6 +167,9 @@ class Hyperion(Actor):
         self.runtime.dataplane.install_routes(table)
 
         # Listeners: open the new, close the unused, leave the rest alone.
+        # LIMITATION: a port Esper cannot open (in use) stops the reconcile
+        # there: the new table is in force, the ports done so far stay as
+        # they are, and the error answered names the port.
         opened, closed, unchanged = [], [], []
         for port, tls in sorted(self._listeners.items()):
             if wanted.get(port) != tls:
