@@ -130,7 +130,7 @@ def test_both_workers_accept_and_both_serve_a_new_upload_within_a_second(
     assert second["0"] > 0 and second["1"] > 0, second
 
 
-def test_a_dead_worker_is_replaced_and_stopping_the_parent_stops_all(
+def test_a_dead_worker_is_replaced_a_hangup_reloads_all_and_stopping_stops_all(
     workers: Workers,
 ) -> None:
     before = workers.worker_pids()
@@ -155,6 +155,19 @@ def test_a_dead_worker_is_replaced_and_stopping_the_parent_stops_all(
     assert burst(workers.ports["https"], "back.workers.test") == (
         [chain.fingerprint] * CONNECTIONS
     )
+
+    # A SIGHUP to the parent reloads the services in every worker.
+    assert workers.process.process is not None
+    workers.process.process.send_signal(signal.SIGHUP)
+    for index in (0, 1):
+        workers.process.wait_until(
+            lambda line, i=index: (
+                "reloading services signal=SIGHUP" in line
+                and line.endswith(f"worker={i}")
+            ),
+            10,
+            f"worker {index} reloading",
+        )
 
     assert workers.process.stop(signal.SIGTERM) == 0
     for pid in after.values():
