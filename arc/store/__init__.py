@@ -5,10 +5,11 @@ finds the certificate for a name (exact, then the wildcard one label up);
 ``Store``, ``StoredCertificate`` and ``Backend`` describe the shapes.
 
 How a store is put together: a ``Backend`` keeps rows (``arc.store.sqlite``,
-or ``arc.store.postgres`` for a cluster) and never sees a plaintext private key; ``SealedStore``
-seals keys with the ``MasterKey`` read from ``master_key_file`` before they
-reach the backend. ``open_store`` also makes sure the key file belongs to the
-store: it is created only for a store that has never held a key, and a key
+or ``arc.store.postgres`` for a cluster) and never sees a plaintext private
+key; ``SealedStore`` seals keys with the ``MasterKey`` read from
+``master_key_file`` before they reach the backend. ``open_store`` also makes
+sure the key file belongs to the store: it is created only for a store that
+has never held a key, and a key
 that does not match the store's check value is refused.
 """
 
