@@ -9,8 +9,8 @@ or ``arc.store.postgres`` for a cluster) and never sees a plaintext private
 key; ``SealedStore`` seals keys with the ``MasterKey`` read from
 ``master_key_file`` before they reach the backend. ``open_store`` also makes
 sure the key file belongs to the store: it is created only for a store that
-has never held a key, and a key
-that does not match the store's check value is refused.
+has never held a key, and a key that does not match the store's check value
+is refused.
 """
 
 from __future__ import annotations
