@@ -59,7 +59,10 @@ async def hello(scope: Any, receive: Any, send: Any) -> None:
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"13"),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": b"Hello, world!"})
@@ -214,8 +217,11 @@ def _client(port: int, path: str, connections: int, until: float, out: Any) -> N
                 head, sep, rest = buf.partition(b"\r\n\r\n")
                 if not sep:
                     continue
-                length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
-                if len(rest) >= length:
+                found = re.search(rb"content-length: (\d+)", head, re.I)
+                if found is None:  # chunked
+                    if rest.endswith(b"0\r\n\r\n"):
+                        break
+                elif len(rest) >= int(found.group(1)):
                     break
             done += 1
     out.put(done)

@@ -54,6 +54,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
+# Response headers the server owns: it frames the body itself.
+_FRAMING = frozenset((b"content-length", b"connection", b"transfer-encoding"))
 # http.response.pathsend: the application names a file, the server sends it
 # (small files read inline, large ones in a worker thread).
 EXTENSIONS: dict[str, dict[str, Any]] = {"http.response.pathsend": {}}
@@ -315,22 +317,24 @@ class Exchange:
         # Build the head now that the first body piece says how to frame it.
         assert self._head is not None
         status, headers = self._head
-        parts = [status_line(status)]
+        lines = []
         length: int | None = None
         for name, value in headers:
             lname = name.lower()
-            if lname == b"content-length":
-                length = int(value)
-                continue
-            if lname == b"connection":
-                if value.lower() == b"close":
+            if lname in _FRAMING:
+                # Framing is the server's: length kept, the rest dropped.
+                if lname == b"content-length":
+                    length = int(value)
+                elif lname == b"connection" and value.lower() == b"close":
                     self.keep_alive = False
                 continue
-            elif lname == b"transfer-encoding":
-                continue
-            if b"\n" in value or b"\r" in value:
-                raise RuntimeError(f"response header {lname!r} holds a line break")
-            parts.append(lname + b": " + value + b"\r\n")
+            lines.append(lname + b": " + value)
+        block = b"\r\n".join(lines)
+        # A line break inside a name or value would split the response.
+        breaks = len(lines) - 1 if lines else 0
+        if block.count(b"\n") != breaks or block.count(b"\r") != breaks:
+            raise RuntimeError("a response header name or value holds a line break")
+        parts = [status_line(status), block, b"\r\n" if lines else b""]
         self._head = None
         self.response_started = True
         bodyless = status < 200 or status in (204, 304)
