@@ -403,7 +403,11 @@ class Exchange:
         """Run the application for this request, then tell the connection."""
         try:
             await app(scope, self.receive, self.send)
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            # The data plane is stopping: no answer is coming.
+            self._fail()
+            raise
+        except Exception as exc:
             if not self.disconnected:
                 log.opt(exception=exc).error(
                     "application failed host={} path={} error={!r}",
@@ -412,8 +416,6 @@ class Exchange:
                     exc,
                 )
             self._fail()
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
         else:
             if not self.response_done and not self.disconnected:
                 log.error(
