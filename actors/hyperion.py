@@ -26,7 +26,8 @@ What it does not do yet: a reload applies the services only; changes to the
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from arc.actor import Actor, verb
 from arc.config import Config, ServiceConfig, load_config
@@ -35,8 +36,15 @@ from arc.http.asgi import LIFESPAN_TIMEOUT_S, ASGIApp, Lifespan, load_app
 from arc.http.routing import RoutingTable, covers, derive_listeners
 from arc.localca import days_left, ensure_localhost
 
+if TYPE_CHECKING:
+    from arc.runtime import Runtime
+
 # A certificate ask is answered from Cryptosaur's store; this bounds a stall.
 ASK_TIMEOUT_S = 10.0
+
+# The configuration in force per runtime, so an instance restarted after a
+# crash serves what the last reload installed, not what the process began with.
+_in_force: weakref.WeakKeyDictionary[Runtime, Config] = weakref.WeakKeyDictionary()
 
 
 class Hyperion(Actor):
@@ -46,8 +54,8 @@ class Hyperion(Actor):
     needs = ("Cryptosaur", "Esper")
     hears = ("Cryptosaur.certificateChanged",)
 
-    def __init__(self, runtime: Any, config: Config) -> None:
-        super().__init__(runtime, config)
+    def __init__(self, runtime: Runtime, config: Config) -> None:
+        super().__init__(runtime, _in_force.get(runtime, config))
         self._listeners: dict[int, bool] = {}
         self._apps: dict[str, ASGIApp] = {}
         self._lifespans: dict[str, Lifespan] = {}
@@ -83,6 +91,7 @@ class Hyperion(Actor):
         config = load_config(path) if path is not None else self.config
         summary = self._apply(config)
         self.config = config
+        _in_force[self.runtime] = config
         self._check_certificates(config.services, only_new=True)
         self.log.info(
             "services reloaded services={} opened={} closed={} unchanged={}",

@@ -281,3 +281,32 @@ def test_an_app_service_runs_its_lifespan_and_is_served(tmp_path: Path) -> None:
         status, body, _ = get(port, SHOP)
 
     assert (status, body) == (200, b"started")
+
+
+def test_a_restart_after_a_crash_keeps_what_the_last_reload_installed(
+    tmp_path: Path,
+) -> None:
+    first, second = free_ports(2)
+    path = write_config(tmp_path, service("shop", [SHOP], first, root="www"))
+
+    with running(CORE, load_config(path)) as rt:
+        write_config(
+            tmp_path, service("blog", ["blog.example.com"], second, root="www")
+        )
+        rt.ask("Hyperion", "reload", {})
+        restarts = rt.status()["actors"]
+        before = next(a["restarts"] for a in restarts if a["name"] == "Hyperion")
+        # A malformed announcement crashes the handler; the runtime restarts it.
+        rt.announce("Cryptosaur.certificateChanged", ["not", "a", "map"])
+
+        def restarted() -> bool:
+            actors = rt.status()["actors"]
+            entry = next(a for a in actors if a["name"] == "Hyperion")
+            return bool(entry["restarts"] > before and entry["state"] == "running")
+
+        assert eventually(restarted, 10.0)
+        names = [s["name"] for s in rt.ask("Hyperion", "services", {})]
+        answer = get(second, "blog.example.com")
+
+    assert names == ["blog"]
+    assert answer[:2] == (200, b"shop home")
