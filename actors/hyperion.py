@@ -67,6 +67,13 @@ class Hyperion(Actor):
     def on_start(self) -> None:
         """Load the services, open their listeners, report missing certificates."""
         settings = self.config.arcology
+
+        # Adopt the listeners an earlier instance opened (a restart after a
+        # crash), so the reconcile below also closes those no longer wanted.
+        status = self._ask("Esper", "status", {})
+        for listener in status.get("listeners", []):
+            if listener.get("owner") == self.name:
+                self._listeners[int(listener["port"])] = bool(listener["tls"])
         self._apply(self.config)
         if settings.local_ca:
             ensure_localhost(settings.data_dir, self._ask)
