@@ -4,7 +4,7 @@
 Run by hand from the repository root (loopback only, bounded)::
 
     .venv/bin/python scripts/bench_tls.py [--domains 10000] [--connections 3000]
-        [--cold-domains 100000] [--cold-samples 300]
+        [--rounds 3] [--cold-domains 100000] [--cold-samples 300] [--no-nginx]
 
 What it measures, each server in its own process pinned to CPU 0, clients in
 other processes pinned to the other CPUs (when the machine has two or more):
@@ -14,7 +14,10 @@ other processes pinned to the other CPUs (when the machine has two or more):
    (``Connection: close``, a 2-byte static file), each connection new, the
    server name drawn at random from the stored domains. CPU is read from
    ``/proc/PID/stat`` (user + system, every thread) before and after the
-   load, divided by the connections answered. Servers:
+   load, divided by the connections answered. Every server is started
+   first; then ``--rounds`` rounds measure each in turn, and the table shows
+   the minimum and the median (the machine may be shared: the minimum is the
+   least disturbed figure). Servers:
 
    - Arcology: the real runtime (Cryptosaur + Esper, SQLite store with
      ``--domains`` certificates, each its own key), a static service for
@@ -66,6 +69,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from multiprocessing.connection import Connection  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -408,6 +412,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--domains", type=int, default=10_000)
     parser.add_argument("--connections", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--cold-domains", type=int, default=100_000)
     parser.add_argument("--cold-samples", type=int, default=300)
@@ -425,7 +430,9 @@ def main() -> None:
     (site / "index.html").write_bytes(BODY)
     os.chmod(base, 0o755)
     rows: list[tuple[str, str]] = []
-    cpu: dict[str, str] = {}
+    samples: dict[str, list[float]] = {}
+    failures: dict[str, int] = {}
+    stoppers: list[Callable[[], None]] = []
     try:
         # Certificates: one chain and key per domain, as files for nginx and
         # as store rows for Arcology.
@@ -443,63 +450,12 @@ def main() -> None:
         say("filling the store ...")
         fill_store(data_dir, chains)
 
-        # Arcology with the cache warmed, as at start-up.
-        say("Arcology: start, warm, load ...")
-        arcology = Arcology(data_dir, site)
-        rss_before = rss_bytes(arcology.pid)
-        warm_started = time.monotonic()
-        built = arcology.call("warm", names)
-        warm_s = time.monotonic() - warm_started
-        rss_after = rss_bytes(arcology.pid)
-        per_conn, ok, failed, elapsed = cpu_per_connection(
-            arcology.pid, arcology.port, names, args.connections, args.clients
-        )
-        cpu["Arcology"] = f"{per_conn:.3f}"
-        rows.append(
-            (
-                "Arcology connections answered / failed / per second",
-                f"{ok} / {failed} / {ok / elapsed:.0f}",
-            )
-        )
-        status = arcology.call("status")
-        arcology.stop()
-        rows.append(
-            (
-                f"Arcology warm-up of {built} contexts (Esper.warm)",
-                f"{warm_s:.1f} s",
-            )
-        )
-        rows.append(
-            (
-                "Arcology memory per cached context (RSS delta / contexts)",
-                f"{(rss_after - rss_before) / max(built, 1) / 1024:.1f} KiB",
-            )
-        )
-        rows.append(
-            (
-                "Arcology cache after the load: hits / misses / size",
-                f"{status['cache']['hits']} / {status['cache']['misses']} / "
-                f"{status['cache']['size']}",
-            )
-        )
-
-        # The same accept path with the bare servers' fixed answer.
-        say("Arcology accept path with a fixed answer: start, warm, load ...")
-        accept_only = Arcology(data_dir, site, fixed=True)
-        accept_only.call("warm", names)
-        per_conn, ok, failed, _ = cpu_per_connection(
-            accept_only.pid, accept_only.port, names, args.connections, args.clients
-        )
-        cpu["Arcology accept path"] = f"{per_conn:.3f}" + (
-            f" ({failed} failed)" if failed else ""
-        )
-        accept_only.stop()
-
         # First handshake after a fresh start (nothing cached).
         say("Arcology: first handshake after start ...")
         fresh = Arcology(data_dir, site)
         first = timed_connection(fresh.port, names[0], client_context())
         second = timed_connection(fresh.port, names[0], client_context())
+        fresh.stop()
         rows.append(
             (
                 "Arcology start to listening (runtime, store, listener)",
@@ -512,47 +468,91 @@ def main() -> None:
                 f"{first * 1000:.1f} ms / {second * 1000:.1f} ms",
             )
         )
-        fresh.stop()
 
-        # Bare servers with one certificate.
-        for label, use_uvloop in (("bare asyncio", False), ("bare uvloop", True)):
-            say(f"{label}: load ...")
-            port, process = run_bare(files[names[0]], use_uvloop)
-            assert process.pid is not None
-            per_conn, ok, failed, _ = cpu_per_connection(
-                process.pid, port, names, args.connections, args.clients
+        # Every server up before any load, so that the rounds interleave
+        # them and a disturbance on the machine touches all alike.
+        servers: dict[str, tuple[int, int]] = {}
+        say("Arcology: start, warm ...")
+        arcology = Arcology(data_dir, site)
+        stoppers.append(arcology.stop)
+        rss_before = rss_bytes(arcology.pid)
+        warm_started = time.monotonic()
+        built = arcology.call("warm", names)
+        warm_s = time.monotonic() - warm_started
+        rss_after = rss_bytes(arcology.pid)
+        servers["Arcology"] = (arcology.pid, arcology.port)
+        rows.append(
+            (f"Arcology warm-up of {built} contexts (Esper.warm)", f"{warm_s:.1f} s")
+        )
+        rows.append(
+            (
+                "Arcology memory per cached context (RSS delta / contexts)",
+                f"{(rss_after - rss_before) / max(built, 1) / 1024:.1f} KiB",
             )
-            cpu[label] = f"{per_conn:.3f}" + (f" ({failed} failed)" if failed else "")
-            process.terminate()
-            process.join(10)
-
-        # nginx with the same certificates.
+        )
+        say("Arcology accept path with a fixed answer: start, warm ...")
+        accept_only = Arcology(data_dir, site, fixed=True)
+        stoppers.append(accept_only.stop)
+        accept_only.call("warm", names)
+        servers["Arcology accept path"] = (accept_only.pid, accept_only.port)
+        for label, use_uvloop in (("bare asyncio", False), ("bare uvloop", True)):
+            port, process = run_bare(files[names[0]], use_uvloop)
+            stoppers.append(process.terminate)
+            assert process.pid is not None
+            servers[label] = (process.pid, port)
         started = None if args.no_nginx else run_nginx(base, site, files)
-        if started is None:
-            cpu["nginx"] = "not installed"
-        else:
+        if started is not None:
             port, master, worker, start_s = started
-            say("nginx: load ...")
-            try:
-                per_conn, ok, failed, _ = cpu_per_connection(
-                    worker, port, names, args.connections, args.clients
+            stoppers.append(
+                lambda: (master.send_signal(signal.SIGQUIT), master.wait(30))
+            )
+            servers["nginx"] = (worker, port)
+            rows.append(
+                (f"nginx start with {len(files)} certificates", f"{start_s:.1f} s")
+            )
+
+        for round_number in range(1, args.rounds + 1):
+            for label, (pid, port) in servers.items():
+                say(f"round {round_number}: {label} ...")
+                per_conn, _ok, failed, _elapsed = cpu_per_connection(
+                    pid, port, names, args.connections, args.clients
                 )
-                cpu["nginx"] = f"{per_conn:.3f}" + (
-                    f" ({failed} failed)" if failed else ""
-                )
-                rows.append(
-                    (f"nginx start with {len(files)} certificates", f"{start_s:.1f} s")
-                )
-            finally:
-                master.send_signal(signal.SIGQUIT)
-                master.wait(30)
+                samples.setdefault(label, []).append(per_conn)
+                failures[label] = failures.get(label, 0) + failed
+        status = arcology.call("status")
+        rows.append(
+            (
+                "Arcology cache after the load: hits / misses / size",
+                f"{status['cache']['hits']} / {status['cache']['misses']} / "
+                f"{status['cache']['size']}",
+            )
+        )
+        rows.append(
+            (
+                "Arcology handshakes / failures / still open",
+                f"{status['handshakes']} / {status['handshake_failures']} / "
+                f"{status['connections_open']}",
+            )
+        )
+        for stop in reversed(stoppers):
+            stop()
+        stoppers.clear()
 
         # Cold misses with a large store.
         if args.cold_domains:
             rows.extend(cold_misses(base, site, args.cold_domains, args.cold_samples))
     finally:
+        for stop in reversed(stoppers):
+            stop()
         shutil.rmtree(base, ignore_errors=True)
 
+    cpu = {
+        label: f"{min(values):.3f} / {statistics.median(values):.3f}"
+        + (f" ({failures[label]} failed)" if failures.get(label) else "")
+        for label, values in samples.items()
+    }
+    if args.no_nginx or "nginx" not in samples:
+        cpu["nginx"] = "not run"
     print_table(args, cpu, rows)
 
 
@@ -598,8 +598,9 @@ def print_table(
 ) -> None:
     print()
     print(
-        f"Server CPU per connection (ms): full TLS 1.3 handshake, ECDSA P-256, "
-        f"one GET, {args.connections} connections, {args.clients} client processes"
+        f"Server CPU per connection in ms, min / median of {args.rounds} rounds of "
+        f"{args.connections} connections ({args.clients} client processes): "
+        "full TLS 1.3 handshake, ECDSA P-256, one GET"
     )
     header = [
         "Arcology",
@@ -619,13 +620,13 @@ def print_table(
     print("|" + "|".join("---" for _ in header) + "|")
     print("| " + " | ".join(domains) + " |")
     print("| " + " | ".join(cpu.get(h, "-") for h in header) + " |")
-    try:
-        ratio = float(cpu["Arcology"]) / float(cpu["nginx"].split()[0])
-        print(f"Arcology / nginx = {ratio:.2f} (goal: at most 1.25)")
-        ratio = float(cpu["Arcology"]) / float(cpu["bare asyncio"].split()[0])
-        print(f"Arcology / bare asyncio = {ratio:.2f} (goal: below 1)")
-    except (KeyError, ValueError):
-        pass
+    for other, goal in (("nginx", "at most 1.25"), ("bare asyncio", "below 1")):
+        try:
+            mine = float(cpu["Arcology"].split()[0])
+            ratio = mine / float(cpu[other].split()[0])
+        except (KeyError, ValueError):
+            continue
+        print(f"Arcology / {other} (minimums) = {ratio:.2f} (goal: {goal})")
     print()
     width = max(len(r[0]) for r in rows)
     for what, value in rows:

@@ -19,7 +19,9 @@ the context *before* the handshake starts instead:
 3. The server name picks the context: the cache's hit path (no await), or on
    a miss an ask to Cryptosaur (exact domain, then the wildcard one label up)
    that only this connection's task awaits. The routing table must allow TLS
-   for the name (``routes.tls_allowed``).
+   for the name (``routes.tls_allowed``). In the common case (the hello has
+   arrived by the time the task runs, the name is cached) nothing is awaited
+   between ``accept`` and the handshake.
 4. With no server name, an unusable one, or no certificate, the fallback
    setting decides: ``"reject"`` writes a plaintext ``unrecognized_name``
    alert record and closes (asyncio would close silently), a domain serves
@@ -95,6 +97,10 @@ REFUSE_DRAIN_READS = 4
 MAX_FACTORIES = 4096
 # The fallback value that refuses a handshake without a usable certificate.
 FALLBACK_REJECT = "reject"
+
+# Look without taking, and without waiting: accepted sockets stay blocking
+# until the loop's transport takes them.
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 log = logger.bind(actor="esper")
 
@@ -204,8 +210,8 @@ class TlsListener:
             except OSError as exc:
                 self._accept_failed(listening, exc)
                 return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No setblocking or TCP_NODELAY here: peeks pass MSG_DONTWAIT, and
+            # the loop's transport sets both when it takes the socket.
             task = self.loop.create_task(self._serve(sock))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -334,7 +340,7 @@ async def read_client_hello(
     try:
         while True:
             try:
-                data = sock.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
+                data = sock.recv(MAX_CLIENT_HELLO_BYTES, _PEEK)
             except (BlockingIOError, InterruptedError):
                 data = None
             if data is not None:
@@ -407,7 +413,7 @@ def refuse(sock: socket.socket, alert: int) -> None:
     """
     try:
         for _ in range(REFUSE_DRAIN_READS):
-            if not sock.recv(MAX_CLIENT_HELLO_BYTES):
+            if not sock.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_DONTWAIT):
                 break
     except OSError:
         pass
