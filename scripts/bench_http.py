@@ -22,7 +22,8 @@ Cases, each served by both servers in the same run:
 - ``static-app``: the same file through Starlette's ``StaticFiles``
   application on both servers (the same ASGI application again).
 
-Both servers run with access logs off, uvloop, one process. Certificates are
+Both servers run with access logs off (``--access-log``: on for both,
+written to /dev/null), uvloop, one process. Certificates are
 made on the spot with trustme (EC P-256), never read from the repository.
 """
 
@@ -85,17 +86,29 @@ def pin(cpus: set[int]) -> None:
 # -- servers -----------------------------------------------------------------
 
 
-def serve_arcology(port: int, cert: str, key: str, root: str, case: str) -> None:
+def quiet(access_log: bool) -> None:
+    """Send the server's output (its access lines, if any) to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+
+
+def serve_arcology(
+    port: int, cert: str, key: str, root: str, case: str, access_log: bool
+) -> None:
     """Serve ``case`` with HttpProtocol on a uvloop loop in this process."""
     pin({0})
     from loguru import logger
 
     logger.remove()
+    quiet(access_log)
+    if access_log:
+        logger.add(sys.stderr, level="INFO")
     from arc.config import Config, ServiceConfig, Settings
     from arc.dataplane import DataPlane
     from arc.http.routing import RoutingTable
 
-    settings = Settings(data_dir=Path(root).parent, access_log=False)
+    settings = Settings(data_dir=Path(root).parent, access_log=access_log)
     dataplane = DataPlane(Config(arcology=settings))
     if case == "static":
         service = ServiceConfig(
@@ -123,9 +136,12 @@ def serve_arcology(port: int, cert: str, key: str, root: str, case: str) -> None
     loop.run_until_complete(asyncio.Event().wait())
 
 
-def serve_uvicorn(port: int, cert: str, key: str, root: str, case: str) -> None:
+def serve_uvicorn(
+    port: int, cert: str, key: str, root: str, case: str, access_log: bool
+) -> None:
     """Serve ``case`` with uvicorn (uvloop, httptools) in this process."""
     pin({0})
+    quiet(access_log)
     import uvicorn
 
     app = hello if case == "hello" else starlette_static(root)
@@ -138,8 +154,8 @@ def serve_uvicorn(port: int, cert: str, key: str, root: str, case: str) -> None:
         loop="uvloop",
         http="httptools",
         lifespan="off",
-        access_log=False,
-        log_level="warning",
+        access_log=access_log,
+        log_level="info" if access_log else "warning",
     )
 
 
@@ -256,7 +272,7 @@ def measure(
     port = free_port()
     proc = multiprocessing.Process(
         target=SERVERS[server],
-        args=(port, files["cert"], files["key"], files["root"], case),
+        args=(port, files["cert"], files["key"], files["root"], case, args.access_log),
         daemon=True,
     )
     proc.start()
@@ -282,6 +298,11 @@ def main() -> None:
     )
     parser.add_argument("--cases", default="hello,static,static-app")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="both servers write one access line per request (to /dev/null)",
+    )
     args = parser.parse_args()
 
     import trustme
@@ -304,6 +325,7 @@ def main() -> None:
         print(
             f"client={args.client} connections={args.connections} "
             f"duration={args.duration:g}s rounds={args.rounds} "
+            f"access_log={args.access_log} "
             f"cpus={len(os.sched_getaffinity(0))}"
         )
         print(
