@@ -1,32 +1,15 @@
-"""HTTP errors: what went wrong with a request, and the status to answer.
+"""HTTP error answers: status lines and the short bodies of error responses.
 
-Two kinds, as in any HTTP server: ``PeerError`` when the client broke HTTP
-(bad framing, headers too large, a body over the limit, too slow) and
-``AppError`` when a service failed. Each carries the status the connection
-answers with; the connection closes after every ``PeerError`` because the
-framing can no longer be trusted.
+Two kinds of error reach a client, as in any HTTP server: the peer broke HTTP
+(bad framing 400, a slow head 408, a body over the limit 413, headers over
+the limit 431), after which the connection closes because the framing can no
+longer be trusted; or a service failed (500), logged with its traceback. The
+connection code decides which; this module only spells the answers.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
-
-
-class HttpError(Exception):
-    """An error that answers with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class PeerError(HttpError):
-    """The client sent something this server will not take; close after."""
-
-
-class AppError(HttpError):
-    """A service failed; the log has the traceback."""
 
 
 def _phrase(status: int) -> str:

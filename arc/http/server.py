@@ -25,7 +25,7 @@ the routing table in force (``dataplane.routes``, read per request):
   ``https://HOST:tlsPort/PATH?QUERY``;
 - HTTPS answers carry ``Strict-Transport-Security`` from the settings.
 
-Limits (the peer broke HTTP: answer, then close, as ``PeerError`` says):
+Limits (the peer broke HTTP: answer, then close):
 16 KiB of request line and headers (431), a body over ``max_body_bytes``
 (413, seen from Content-Length before any byte of it, or while a chunked body
 streams), malformed framing (400), no complete headers within
