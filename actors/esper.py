@@ -257,7 +257,7 @@ class Esper(Actor):
     @verb("status")
     def status(self, payload: Any) -> Any:
         """Listeners, cache counters and connection counters."""
-        _plane, station = self._ready()
+        plane, station = self._ready()
         stats = station.stats
         return {
             "listeners": [
@@ -268,6 +268,7 @@ class Esper(Actor):
             "handshakes": stats.handshakes,
             "handshake_failures": stats.handshake_failures,
             "rejected": stats.rejected,
+            "requests": plane.requests_by_class(),
         }
 
     @verb("warm")

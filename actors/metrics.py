@@ -19,8 +19,8 @@ Two kinds of figures, fetched in two ways:
 - Counters that live in the data plane (handshakes, the context cache,
   open connections) are asked of Esper (``status``) at scrape time with
   ``ask_async``, which never blocks the loop. Actor restarts come from
-  ``runtime.status()``. Requests by status class are not counted by the
-  HTTP layer yet (see the LIMITATION in ``esper_families``).
+  ``runtime.status()``. Answers by status class are counted by the HTTP
+  layer on the data plane and reported by Esper's ``status`` too.
 
 The text follows the Prometheus text exposition format 0.0.4: one ``# HELP``
 and one ``# TYPE`` line per family, then its samples; label values escape
@@ -211,11 +211,7 @@ def esper_families(status: Mapping[str, Any]) -> list[Family]:
                 [({}, float(len(listeners)))],
             )
         )
-    # LIMITATION: requests by status class are not counted anywhere yet:
-    # the HTTP layer logs each answer (access log) but keeps no counters, and
-    # neither Esper's nor Hyperion's status carries them. The family below is
-    # emitted once Esper's status holds a "requests" map ({"2xx": n, ...});
-    # until then /metrics has no arcology_http_requests_total.
+    # Esper's status carries answers by status class ({"2xx": n, ...}).
     requests = status.get("requests")
     if isinstance(requests, Mapping):
         found.extend(request_families(requests))

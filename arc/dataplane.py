@@ -55,6 +55,9 @@ class DataPlane:
         self.config = config
         self.loop = new_event_loop()
         self.port_apps: dict[int, ASGIApp] = {}
+        # Answers by status class (index 1 to 5 for 1xx to 5xx); written only
+        # on the loop thread, read whole by Esper's status.
+        self.answers_by_class = [0] * 6
         self._routes: RoutingTable | None = None
         self._thread = threading.Thread(
             target=self._run, name="arc-dataplane", daemon=True
@@ -102,6 +105,11 @@ class DataPlane:
 
             self._routes = RoutingTable.empty()
         return self._routes
+
+    def requests_by_class(self) -> dict[str, int]:
+        """HTTP answers so far by status class: ``{"2xx": n, ...}``."""
+        counts = list(self.answers_by_class)
+        return {f"{n}xx": counts[n] for n in range(1, 6)}
 
     def install_routes(self, table: RoutingTable) -> None:
         """Swap the whole routing table; safe from any thread."""

@@ -539,6 +539,8 @@ class HttpProtocol(asyncio.Protocol):
         ex.ended()
         if self._active is ex:
             self._active = None
+        if 100 <= ex.status < 600:
+            self.dataplane.answers_by_class[ex.status // 100] += 1
         if self.access_log:
             self._log_access(ex)
         if not ex.keep_alive or not ex.complete_length or self.closed:

@@ -447,3 +447,23 @@ def test_listen_must_be_an_address_esper_binds(
     else:
         with pytest.raises(ConfigError, match="is not among the bind addresses"):
             metrics_port(listen, bind)
+
+
+def test_answers_are_counted_by_status_class(tmp_path: Path) -> None:
+    port = free_port()
+    config = metrics_config(tmp_path, port)
+
+    with running([Cryptosaur, Esper], config) as rt:
+        start_plugins(rt, config)
+        get(port)
+        missing = get(port, "/nothing-here")
+        text = get(port)[2]
+
+    assert missing[0] == 404
+    assert samples(text, "arcology_http_requests_total") == {
+        (("class", "1xx"),): 0,
+        (("class", "2xx"),): 1,
+        (("class", "3xx"),): 0,
+        (("class", "4xx"),): 1,
+        (("class", "5xx"),): 0,
+    }
