@@ -345,7 +345,34 @@ class _Parser:
                     f"name is already used by services[{names[service.name]}]",
                 )
             names[service.name] = service.index
+        self.check_ports(services)
         return tuple(services)
+
+    def check_ports(self, services: list[ServiceConfig]) -> None:
+        # Each port is one listener, plain or TLS: a port asked for as both
+        # cannot be served, so name both services that want it.
+        wanted: dict[int, tuple[bool, ServiceConfig]] = {}
+        for service in services:
+            ports = [(service.port, False)] if service.port is not None else []
+            if service.tls != "none":
+                ports.append((service.tls_port, True))
+            for port, tls in ports:
+                first = wanted.setdefault(port, (tls, service))
+                if first[0] != tls:
+                    plain, secure = (
+                        (service, first[1])
+                        if tls is False
+                        else (
+                            first[1],
+                            service,
+                        )
+                    )
+                    raise ConfigError(
+                        f"{self.label}: port {port} is wanted as plain HTTP by "
+                        f'services[{plain.index}] "{plain.name}" and as TLS by '
+                        f'services[{secure.index}] "{secure.name}"; a port is '
+                        "either plain or TLS"
+                    )
 
     def service(self, index: int, raw: Any) -> ServiceConfig:
         where = f"services[{index}]"

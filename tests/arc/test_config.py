@@ -158,3 +158,35 @@ def test_arcology_run_refuses_a_bad_file_before_starting(tmp_path: Path) -> None
     assert done.returncode == 2
     assert 'tls must be one of none, optional, required (got "yes")' in done.stderr
     assert not (tmp_path / "arc-data").exists()
+
+
+def test_a_port_wanted_as_plain_and_as_tls_names_both_services(
+    tmp_path: Path,
+) -> None:
+    text = (
+        '[[services]]\nname = "plain"\nhosts = ["a.test"]\nport = 9000\n'
+        'root = "."\n'
+        '[[services]]\nname = "secure"\nhosts = ["b.test"]\ntls = "required"\n'
+        'tlsPort = 9000\nport = 9001\nroot = "."\n'
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        parse(text, tmp_path)
+
+    assert caught.value.message == (
+        'arcology.toml: port 9000 is wanted as plain HTTP by services[0] "plain" '
+        'and as TLS by services[1] "secure"; a port is either plain or TLS'
+    )
+
+
+def test_services_may_share_a_port_in_the_same_mode(tmp_path: Path) -> None:
+    text = (
+        '[[services]]\nname = "a"\nhosts = ["a.test"]\nport = 80\ntls = "optional"\n'
+        'root = "."\n'
+        '[[services]]\nname = "b"\nhosts = ["b.test"]\nport = 80\ntls = "required"\n'
+        'root = "."\n'
+    )
+
+    config = parse(text, tmp_path)
+
+    assert [(s.port, s.tls_port) for s in config.services] == [(80, 443), (80, 443)]
