@@ -8,7 +8,9 @@ the context *before* the handshake starts instead:
 
 1. The listening sockets are watched with ``loop.add_reader``; each
    readiness accepts up to ``ACCEPT_BATCH`` connections, and each connection
-   becomes its own task, so no client ever waits for another.
+   becomes its own task, so no client ever waits for another. With
+   ``TCP_DEFER_ACCEPT`` the kernel hands a connection over only once its
+   first bytes have arrived, so the ClientHello is usually there already.
 2. The task peeks at the socket (``recv`` with ``MSG_PEEK``: nothing is
    consumed, OpenSSL will read the same bytes later) and parses the
    ClientHello with :func:`arc.tls.clienthello.parse_client_hello`. While the
@@ -34,7 +36,9 @@ the context *before* the handshake starts instead:
 What always holds
 -----------------
 - Reading the ClientHello and choosing its context together take at most
-  ``handshake_timeout_s``; the handshake proper has the same bound again.
+  ``handshake_timeout_s``; the handshake proper has the same bound again. A
+  client that sends nothing is held by the kernel for ``DEFER_ACCEPT_S``
+  first, at no cost to the loop.
 - At most ``MAX_CLIENT_HELLO_BYTES`` (16 KiB) are peeked; a larger hello is
   refused.
 - A slow certificate fetch delays only the connections asking for that
@@ -89,6 +93,10 @@ ACCEPT_PAUSE_S = 0.1
 # When woken without the bytes asked for (the peer half-closed, or the
 # kernel ignored SO_RCVLOWAT), wait this long before peeking again.
 PEEK_RETRY_S = 0.005
+# How long the kernel holds a connection that has sent nothing before
+# handing it over anyway (then the handshake timeout applies). Clients send
+# their ClientHello at once, so this only delays silent ones.
+DEFER_ACCEPT_S = 1
 # Reads that discard what a refused peer sent, at most; a peer still
 # sending after that gets a reset, which it has earned.
 REFUSE_DRAIN_READS = 4
@@ -190,6 +198,9 @@ class TlsListener:
     def start(self) -> None:
         """Start accepting; call on the loop thread."""
         for sock in self.sockets:
+            # The kernel completes accept only once the client has sent
+            # something (its ClientHello), so the first peek finds it.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
             self.loop.add_reader(sock.fileno(), self._accept, sock)
 
     def close(self) -> None:
@@ -240,7 +251,15 @@ class TlsListener:
         """One connection: ClientHello, context, handshake, then HTTP."""
         deadline = self.loop.time() + self.handshake_timeout_s
         try:
-            hello = await read_client_hello(self.loop, sock, deadline)
+            # Deferred accept means the hello is normally there already: one
+            # peek, no waiting. Otherwise read_client_hello waits for it.
+            try:
+                data = sock.recv(MAX_CLIENT_HELLO_BYTES, _PEEK)
+            except (BlockingIOError, InterruptedError):
+                data = b""
+            hello = parse_client_hello(data) if data else None
+            if hello is None or not hello.complete:
+                hello = await read_client_hello(self.loop, sock, deadline)
             # The common case, a cached name, costs no further await.
             name = hello.server_name
             entry = None

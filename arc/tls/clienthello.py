@@ -21,7 +21,8 @@ peeks at the socket without consuming anything and calls
 
 What always holds
 -----------------
-- The function is pure: bytes in, a value or ``ClientHelloError`` out.
+- The function is pure: bytes in, a value or ``ClientHelloError`` out (it
+  remembers the names it has normalised, which changes only its speed).
 - It never reads past ``MAX_CLIENT_HELLO_BYTES``: a peer that needs more is
   refused with an error rather than buffered.
 - ``server_name`` is spelled as :func:`arc.names.normalise_domain` spells
@@ -40,6 +41,7 @@ Not done
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from arc.errors import BadInput
@@ -62,6 +64,11 @@ EXTENSION_SERVER_NAME = 0
 EXTENSION_ALPN = 16
 # server_name list entry type for a DNS host name (RFC 6066 3).
 NAME_TYPE_HOST_NAME = 0
+# Server names already normalised, by their bytes: the same few names come
+# back on most connections. Past this many the memo starts over.
+MAX_REMEMBERED_NAMES = 4096
+_NAMES: dict[bytes, str] = {}
+_TWO_U16 = struct.Struct("!HH").unpack_from
 # Alert descriptions (RFC 8446 6.2).
 ALERT_DECODE_ERROR = 50
 ALERT_UNRECOGNIZED_NAME = 112
@@ -118,8 +125,26 @@ def parse_client_hello(data: bytes) -> ClientHello:
         ClientHelloError: the bytes are not a TLS handshake starting with a
             ClientHello, are malformed, or exceed ``MAX_CLIENT_HELLO_BYTES``.
     """
+    # Every current client sends its whole ClientHello in the first record:
+    # read it in place. Anything else takes the general path below.
+    size = len(data)
+    if size > 9 and data[0] == RECORD_TYPE_HANDSHAKE and data[1] == 3:
+        end = 5 + ((data[3] << 8) | data[4])
+        message_end = 9 + ((data[6] << 16) | (data[7] << 8) | data[8])
+        if (
+            data[5] == HANDSHAKE_TYPE_CLIENT_HELLO
+            and message_end <= end <= size
+            and end - 5 <= MAX_RECORD_PAYLOAD_BYTES
+        ):
+            server_name, alpn = _parse_body(data[9:message_end])
+            return ClientHello(True, end, server_name, alpn)
+    return _parse_records(data)
+
+
+def _parse_records(data: bytes) -> ClientHello:
+    """The general case: a ClientHello fragmented over several records."""
     # Gather handshake bytes record by record until the ClientHello's own
-    # length says it is whole; the message may be fragmented over records.
+    # length says it is whole.
     view = memoryview(data)
     message = bytearray()
     offset = 0
@@ -243,24 +268,29 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
             f"{size - end} bytes follow"
         )
 
+    # RFC 8446 4.2 forbids two extensions of one type. OpenSSL refuses such
+    # a hello during the handshake; here only the two read are checked.
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
-    seen: set[int] = set()
+    seen_name = seen_alpn = False
     while pos < end:
         if pos + 4 > end:
             raise _truncated(what, "extension header", 4, pos, end)
-        kind = (body[pos] << 8) | body[pos + 1]
-        stop = pos + 4 + ((body[pos + 2] << 8) | body[pos + 3])
+        kind, length = _TWO_U16(body, pos)
+        pos += 4
+        stop = pos + length
         if stop > end:
-            raise _truncated(what, f"extension {kind}", stop - pos - 4, pos + 4, end)
-        # RFC 8446 4.2: there must not be more than one extension of a type.
-        if kind in seen:
-            raise ClientHelloError(f"ClientHello: extension {kind} appears twice")
-        seen.add(kind)
+            raise _truncated(what, f"extension {kind}", length, pos, end)
         if kind == EXTENSION_SERVER_NAME:
-            server_name = _parse_server_name(body[pos + 4 : stop])
+            if seen_name:
+                raise ClientHelloError(f"ClientHello: extension {kind} appears twice")
+            seen_name = True
+            server_name = _parse_server_name(body[pos:stop])
         elif kind == EXTENSION_ALPN:
-            alpn = _parse_alpn(body[pos + 4 : stop])
+            if seen_alpn:
+                raise ClientHelloError(f"ClientHello: extension {kind} appears twice")
+            seen_alpn = True
+            alpn = _parse_alpn(body[pos:stop])
         pos = stop
     return server_name, alpn
 
@@ -301,7 +331,13 @@ def _parse_server_name(data: bytes) -> str | None:
         pos = stop
     if host_name is None:
         return None
-    return normalise_server_name(host_name)
+    name = _NAMES.get(host_name)
+    if name is None:
+        name = normalise_server_name(host_name)
+        if len(_NAMES) >= MAX_REMEMBERED_NAMES:
+            _NAMES.clear()
+        _NAMES[host_name] = name
+    return name
 
 
 def normalise_server_name(raw: bytes) -> str:

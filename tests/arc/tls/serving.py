@@ -45,6 +45,7 @@ class Serving:
     listener: TlsListener
     stats: ConnectionStats
     root_pem_file: Path
+    plain_sockets: list[socket.socket]
 
     def client_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.root_pem_file))
@@ -122,6 +123,8 @@ def serving(
     """Run a TLS listener on a real data plane for the duration of a test."""
     sockets = open_sockets(0, ["127.0.0.1"])
     port = sockets[0].getsockname()[1]
+    plain_sockets = open_sockets(0, ["127.0.0.1", "::1"])
+    plain_port = plain_sockets[0].getsockname()[1]
     root = tmp_path / "site"
     root.mkdir(exist_ok=True)
     (root / "index.html").write_text("hello from site")
@@ -146,7 +149,7 @@ def serving(
         name = "plain"
         hosts = [{none_list}]
         tls = "none"
-        port = {port + 1 if port < 65535 else port - 1}
+        port = {plain_port}
         root = "{root}"
         """,
         base_dir=tmp_path,
@@ -176,8 +179,12 @@ def serving(
     root_pem = tmp_path / "root.pem"
     root_pem.write_bytes(default_ca().root_pem)
     try:
-        yield Serving(port, plane, store, cache, listener, stats, root_pem)
+        yield Serving(
+            port, plane, store, cache, listener, stats, root_pem, plain_sockets
+        )
     finally:
+        for sock in plain_sockets:
+            sock.close()
         plane.call(listener.close)
         plane.stop()
         stack.close()

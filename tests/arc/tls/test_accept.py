@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from arc.tls.accept import PlainListener
-from arc.tls.listener import open_sockets, raise_fd_limit
+from arc.tls.listener import raise_fd_limit
 from tests.arc.tls.serving import (
     Serving,
     peer_common_name,
@@ -276,11 +276,8 @@ def test_closing_the_listener_keeps_open_connections(tmp_path: Path) -> None:
 
 def test_plain_listener_serves_http_on_ipv4_and_ipv6(tmp_path: Path) -> None:
     with serving(tmp_path, none_hosts=("plain.example.net",)) as srv:
-        plain_port = srv.port + 1 if srv.port < 65535 else srv.port - 1
-        try:
-            sockets = open_sockets(plain_port, ["127.0.0.1", "::1"])
-        except Exception as exc:  # the neighbour port may be taken
-            pytest.skip(f"port {plain_port} not free: {exc}")
+        sockets = srv.plain_sockets
+        plain_port = sockets[0].getsockname()[1]
         listener = PlainListener(srv.plane, plain_port, sockets)
         srv.plane.run(listener.start())
         answers = []
