@@ -283,6 +283,9 @@ class TlsListener:
             log.debug("clienthello not read port={} reason={!r}", self.port, exc)
             sock.close()
             return
+        except Exception:
+            self._failed_unexpectedly(sock)
+            return
 
         # The handshake and everything after belong to the transport.
         try:
@@ -293,11 +296,22 @@ class TlsListener:
                 ssl_handshake_timeout=self.handshake_timeout_s,
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            # The transport owned the socket and closed it; closing again is
+            # a no-op (uvloop detaches it, asyncio closes the same object).
             self.stats.handshake_failures += 1
             log.debug("handshake failed port={} reason={!r}", self.port, exc)
             sock.close()
             return
+        except Exception:
+            self._failed_unexpectedly(sock)
+            return
         self.stats.handshakes += 1
+
+    def _failed_unexpectedly(self, sock: socket.socket) -> None:
+        # A bug, not the peer: no caller will see it, so it is logged here.
+        self.stats.handshake_failures += 1
+        log.opt(exception=True).error("connection failed port={}", self.port)
+        sock.close()
 
     def _factory(self, domain: str) -> Callable[[], asyncio.Protocol]:
         """The counted HTTP protocol factory for a certificate's domain."""
@@ -437,7 +451,7 @@ def refuse(sock: socket.socket, alert: int) -> None:
     except OSError:
         pass
     try:
-        sock.send(alert_record(alert))
+        sock.send(alert_record(alert), socket.MSG_DONTWAIT)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
