@@ -213,7 +213,12 @@ class Esper(Actor):
             )
         else:
             listener = PlainListener(plane, port, sockets, station.stats)
-        plane.run(_start(listener), LOOP_CALL_TIMEOUT_S)
+        try:
+            plane.run(_start(listener), LOOP_CALL_TIMEOUT_S)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
         opened = _Listening(port, tls, owner, listener, listener_addresses(sockets))
         station.listening[port] = opened
         self.log.info(
