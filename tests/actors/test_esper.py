@@ -261,3 +261,33 @@ def test_stopping_the_runtime_closes_the_listeners(config: Config) -> None:
 
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), 2).close()
+
+
+def test_a_crash_of_esper_keeps_its_listeners_and_contexts(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(runtime, make_chain("steady.example"))
+    port = ask(runtime, "Esper", "listen", {"port": 0, "tls": True})["port"]
+    assert served_leaf(port, "steady.example") is not None
+
+    def crash(self: Esper, payload: Any) -> Any:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Esper, "status", crash)
+    with pytest.raises(Exception, match="crashed"):
+        ask(runtime, "Esper", "status")
+    served_during_restart = served_leaf(port, "steady.example") is not None
+    monkeypatch.undo()
+
+    deadline = time.monotonic() + TIMEOUT_S
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            status = ask(runtime, "Esper", "status")
+            break
+        except Exception:
+            time.sleep(0.05)
+    assert served_during_restart
+    assert [item["port"] for item in status["listeners"]] == [port]
+    assert status["cache"]["size"] == 1
+    assert served_leaf(port, "steady.example") is not None
