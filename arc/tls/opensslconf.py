@@ -5,7 +5,7 @@ an ``ssl.SSLContext``, and OpenSSL by default also offers X448 and P-521,
 which Mozilla's intermediate profile excludes. OpenSSL reads the file named
 by the ``OPENSSL_CONF`` environment variable once, the first time libcrypto
 initialises itself in the process (the first ``hashlib`` digest or
-``ssl.SSLContext``); after that the variable is ignored. ``arc/tls/openssl.cnf``
+``ssl.SSLContext``); after that the variable is ignored. ``arc/openssl.cnf``
 holds a ``system_default`` section with ``Groups = X25519:P-256:P-384``.
 
 :func:`ensure_openssl_conf` is the first thing the ``arcology`` command
@@ -38,7 +38,7 @@ import os
 import sys
 from pathlib import Path
 
-OPENSSL_CONF_PATH = Path(__file__).with_name("openssl.cnf")
+OPENSSL_CONF_PATH = Path(__file__).resolve().parents[1] / "openssl.cnf"
 # The only groups the configuration allows (Mozilla intermediate, v5.7).
 ALLOWED_GROUPS = ("X25519", "P-256", "P-384")
 # Guards against a re-exec loop if the environment is not carried over.
@@ -67,7 +67,7 @@ def _is_arcology_command() -> bool:
 
 
 def ensure_openssl_conf() -> bool:
-    """Make OpenSSL read ``arc/tls/openssl.cnf``, re-executing if needed.
+    """Make OpenSSL read ``arc/openssl.cnf``, re-executing if needed.
 
     Call it at the very start of the ``arcology`` command, before any import
     that may load ``ssl`` or ``hashlib``.
