@@ -28,6 +28,7 @@ A backend may also offer ``expiring(before)`` (same shape as
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,21 @@ from arc.bundle import Bundle
 Domains = list[str]
 Summaries = list[dict[str, Any]]
 Changes = list[tuple[int, str]]
+
+# The columns of a certificate row in ``CertificateRecord`` order, for a
+# query that joins the certificates table as ``c``; ``record_from_row`` reads
+# a row selected with them.
+RECORD_COLUMNS = (
+    "c.fingerprint, c.chain_pem, c.key_sealed, c.not_before, c.not_after, "
+    "c.issuer, c.subject, c.key_type, c.chain_length, c.reordered, c.stored_at"
+)
+# The columns ``summaries_from_rows`` reads, for a query that joins the
+# domains table as ``d`` with the certificates table as ``c``.
+SUMMARY_COLUMNS = (
+    "d.domain, c.fingerprint, c.not_before, c.not_after, "
+    "c.issuer, c.subject, c.key_type, c.chain_length, c.reordered, "
+    "c.stored_at"
+)
 
 
 @dataclass(frozen=True)
@@ -174,3 +190,80 @@ class Store(Protocol):
     def close(self) -> None:
         """Release the store."""
         ...
+
+
+# -- rows into values, for every backend ------------------------------------------
+#
+# A backend reads its timestamps in its own form (SQLite keeps ISO 8601 text,
+# PostgreSQL gives datetimes), so each passes the function that turns one of
+# its stored timestamps into a ``datetime`` or into ISO 8601 UTC text.
+
+
+def record_from_row(
+    row: Sequence[Any], moment: Callable[[Any], dt.datetime]
+) -> CertificateRecord:
+    """The record of a row selected with ``RECORD_COLUMNS``."""
+    return CertificateRecord(
+        fingerprint=row[0],
+        chain_pem=bytes(row[1]),
+        key_sealed=bytes(row[2]),
+        not_before=moment(row[3]),
+        not_after=moment(row[4]),
+        issuer=row[5],
+        subject=row[6],
+        key_type=row[7],
+        chain_length=int(row[8]),
+        reordered=bool(row[9]),
+        stored_at=moment(row[10]),
+    )
+
+
+def summaries_from_rows(
+    rows: Sequence[Sequence[Any]], iso_z: Callable[[Any], str]
+) -> Summaries:
+    """One summary per row selected with ``SUMMARY_COLUMNS``, in row order.
+
+    ``domains`` of each summary lists every domain of the rows that points at
+    the same certificate, in row order.
+    """
+    by_fingerprint: dict[str, list[str]] = {}
+    for row in rows:
+        by_fingerprint.setdefault(row[1], []).append(row[0])
+    return [
+        {
+            "domain": row[0],
+            "domains": by_fingerprint[row[1]],
+            "fingerprint": row[1],
+            "not_before": iso_z(row[2]),
+            "not_after": iso_z(row[3]),
+            "issuer": row[4],
+            "subject": row[5],
+            "key_type": row[6],
+            "chain_length": row[7],
+            "reordered": bool(row[8]),
+            "stored_at": iso_z(row[9]),
+        }
+        for row in rows
+    ]
+
+
+def expiring_from_rows(
+    rows: Iterable[Sequence[Any]], iso_z: Callable[[Any], str]
+) -> Summaries:
+    """``Store.expiring`` entries from (fingerprint, not_after, domain) rows.
+
+    One entry per fingerprint, in the order the rows first name it, with its
+    domains in row order.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for fingerprint, not_after, domain in rows:
+        entry = found.setdefault(
+            fingerprint,
+            {
+                "fingerprint": fingerprint,
+                "not_after": iso_z(not_after),
+                "domains": [],
+            },
+        )
+        entry["domains"].append(domain)
+    return list(found.values())

@@ -52,7 +52,17 @@ import psycopg
 from loguru import logger
 
 from arc.errors import Busy, ConfigError, Internal
-from arc.store.base import CertificateRecord, Changes, Domains, Summaries
+from arc.store.base import (
+    RECORD_COLUMNS,
+    SUMMARY_COLUMNS,
+    CertificateRecord,
+    Changes,
+    Domains,
+    Summaries,
+    expiring_from_rows,
+    record_from_row,
+    summaries_from_rows,
+)
 
 T = TypeVar("T")
 
@@ -110,11 +120,6 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
-_RECORD_COLUMNS = (
-    "c.fingerprint, c.chain_pem, c.key_sealed, c.not_before, c.not_after, "
-    "c.issuer, c.subject, c.key_type, c.chain_length, c.reordered, c.stored_at"
-)
-
 log = logger.bind(actor="cryptosaur")
 
 
@@ -128,6 +133,11 @@ def describe_url(url: str) -> str:
         return "the configured database"
     name = parts.path.lstrip("/") or "(default database)"
     return f"{host}:{port}/{name}"
+
+
+def _as_moment(value: dt.datetime) -> dt.datetime:
+    # psycopg gives TIMESTAMPTZ columns as aware datetimes already.
+    return value
 
 
 def _iso_z(moment: dt.datetime) -> str:
@@ -251,47 +261,27 @@ class PostgresBackend:
 
         def work(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
             return conn.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM arc_domains d "
+                f"SELECT {RECORD_COLUMNS} FROM arc_domains d "
                 "JOIN arc_certificates c ON c.fingerprint = d.fingerprint "
                 "WHERE d.domain = %s",
                 (domain,),
             ).fetchone()
 
         row = self._run(work)
-        return None if row is None else _record(row)
+        return None if row is None else record_from_row(row, _as_moment)
 
     def list(self) -> Summaries:
         """One summary per domain, sorted by domain."""
 
         def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             return conn.execute(
-                "SELECT d.domain, c.fingerprint, c.not_before, c.not_after, "
-                "c.issuer, c.subject, c.key_type, c.chain_length, c.reordered, "
-                "c.stored_at FROM arc_domains d "
+                f"SELECT {SUMMARY_COLUMNS} FROM arc_domains d "
                 "JOIN arc_certificates c ON c.fingerprint = d.fingerprint "
                 'ORDER BY d.domain COLLATE "C"'
             ).fetchall()
 
         rows = self._run(work)
-        by_fingerprint: dict[str, list[str]] = {}
-        for row in rows:
-            by_fingerprint.setdefault(row[1], []).append(row[0])
-        return [
-            {
-                "domain": row[0],
-                "domains": by_fingerprint[row[1]],
-                "fingerprint": row[1],
-                "not_before": _iso_z(row[2]),
-                "not_after": _iso_z(row[3]),
-                "issuer": row[4],
-                "subject": row[5],
-                "key_type": row[6],
-                "chain_length": row[7],
-                "reordered": bool(row[8]),
-                "stored_at": _iso_z(row[9]),
-            }
-            for row in rows
-        ]
+        return summaries_from_rows(rows, _iso_z)
 
     def expiring(self, before: dt.datetime) -> Summaries:
         """Certificates ending before ``before``: fingerprint, not_after, domains.
@@ -308,18 +298,7 @@ class PostgresBackend:
                 (before.replace(microsecond=0),),
             ).fetchall()
 
-        found: dict[str, dict[str, Any]] = {}
-        for fingerprint, not_after, domain in self._run(work):
-            entry = found.setdefault(
-                fingerprint,
-                {
-                    "fingerprint": fingerprint,
-                    "not_after": _iso_z(not_after),
-                    "domains": [],
-                },
-            )
-            entry["domains"].append(domain)
-        return list(found.values())
+        return expiring_from_rows(self._run(work), _iso_z)
 
     def domains_of(self, fingerprint: str) -> Domains:
         """The domains pointing at the certificate ``fingerprint``, sorted."""
@@ -531,19 +510,3 @@ def _reason(exc: BaseException) -> str:
     """The first line of a driver error, which names the cause."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def _record(row: tuple[Any, ...]) -> CertificateRecord:
-    return CertificateRecord(
-        fingerprint=row[0],
-        chain_pem=bytes(row[1]),
-        key_sealed=bytes(row[2]),
-        not_before=row[3],
-        not_after=row[4],
-        issuer=row[5],
-        subject=row[6],
-        key_type=row[7],
-        chain_length=int(row[8]),
-        reordered=bool(row[9]),
-        stored_at=row[10],
-    )

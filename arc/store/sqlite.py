@@ -32,10 +32,19 @@ import sqlite3
 import stat
 import threading
 from pathlib import Path
-from typing import Any
 
 from arc.errors import ConfigError, Internal
-from arc.store.base import CertificateRecord, Changes, Domains, Summaries
+from arc.store.base import (
+    RECORD_COLUMNS,
+    SUMMARY_COLUMNS,
+    CertificateRecord,
+    Changes,
+    Domains,
+    Summaries,
+    expiring_from_rows,
+    record_from_row,
+    summaries_from_rows,
+)
 
 FILE_NAME = "certificates.sqlite3"
 # Another process holding the write lock (an upload there) finishes in
@@ -78,11 +87,6 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["CREATE INDEX certificates_by_not_after ON certificates (not_after)"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
-
-_RECORD_COLUMNS = (
-    "c.fingerprint, c.chain_pem, c.key_sealed, c.not_before, c.not_after, "
-    "c.issuer, c.subject, c.key_type, c.chain_length, c.reordered, c.stored_at"
-)
 
 
 def _text(moment: dt.datetime) -> str:
@@ -185,42 +189,22 @@ class SqliteBackend:
         """The certificate stored for exactly ``domain``."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM domains d "
+                f"SELECT {RECORD_COLUMNS} FROM domains d "
                 "JOIN certificates c ON c.fingerprint = d.fingerprint "
                 "WHERE d.domain = ?",
                 (domain,),
             ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else record_from_row(row, _moment)
 
     def list(self) -> Summaries:
         """One summary per domain, sorted by domain."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT d.domain, c.fingerprint, c.not_before, c.not_after, "
-                "c.issuer, c.subject, c.key_type, c.chain_length, c.reordered, "
-                "c.stored_at FROM domains d "
+                f"SELECT {SUMMARY_COLUMNS} FROM domains d "
                 "JOIN certificates c ON c.fingerprint = d.fingerprint "
                 "ORDER BY d.domain"
             ).fetchall()
-        by_fingerprint: dict[str, list[str]] = {}
-        for row in rows:
-            by_fingerprint.setdefault(row[1], []).append(row[0])
-        return [
-            {
-                "domain": row[0],
-                "domains": by_fingerprint[row[1]],
-                "fingerprint": row[1],
-                "not_before": _iso_z(row[2]),
-                "not_after": _iso_z(row[3]),
-                "issuer": row[4],
-                "subject": row[5],
-                "key_type": row[6],
-                "chain_length": row[7],
-                "reordered": bool(row[8]),
-                "stored_at": _iso_z(row[9]),
-            }
-            for row in rows
-        ]
+        return summaries_from_rows(rows, _iso_z)
 
     def expiring(self, before: dt.datetime) -> Summaries:
         """Certificates ending before ``before``: fingerprint, not_after, domains.
@@ -234,18 +218,7 @@ class SqliteBackend:
                 "WHERE c.not_after < ? ORDER BY c.not_after, c.fingerprint, d.domain",
                 (_text(before.replace(microsecond=0)),),
             ).fetchall()
-        found: dict[str, dict[str, Any]] = {}
-        for fingerprint, not_after, domain in rows:
-            entry = found.setdefault(
-                fingerprint,
-                {
-                    "fingerprint": fingerprint,
-                    "not_after": _iso_z(not_after),
-                    "domains": [],
-                },
-            )
-            entry["domains"].append(domain)
-        return list(found.values())
+        return expiring_from_rows(rows, _iso_z)
 
     def domains_of(self, fingerprint: str) -> Domains:
         """The domains pointing at the certificate ``fingerprint``, sorted."""
@@ -404,19 +377,3 @@ class _Transaction:
             self._db.execute("COMMIT")
         else:
             self._db.execute("ROLLBACK")
-
-
-def _record(row: tuple[Any, ...]) -> CertificateRecord:
-    return CertificateRecord(
-        fingerprint=row[0],
-        chain_pem=bytes(row[1]),
-        key_sealed=bytes(row[2]),
-        not_before=_moment(row[3]),
-        not_after=_moment(row[4]),
-        issuer=row[5],
-        subject=row[6],
-        key_type=row[7],
-        chain_length=int(row[8]),
-        reordered=bool(row[9]),
-        stored_at=_moment(row[10]),
-    )
