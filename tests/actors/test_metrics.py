@@ -7,13 +7,10 @@ import http.client
 import math
 import socket
 import ssl
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.cryptosaur import Cryptosaur
@@ -35,6 +32,7 @@ from arc.errors import ConfigError
 from arc.plugins import parse_options, start_plugins
 from arc.testing import running
 from tests.certs import make_chain
+from tests.plugin_helpers import config_in, wait_for
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -189,29 +187,11 @@ def get(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, st
 
 
 def metrics_config(folder: Path, port: int, extra: str = "") -> Config:
-    path = folder / "arcology.toml"
-    path.write_text(
-        f'[arcology]\ndata_dir = "data"\nbind = ["127.0.0.1"]\n{extra}\n'
-        f'[plugins.metrics]\nlisten = "127.0.0.1:{port}"\n'
+    return config_in(
+        folder,
+        f'bind = ["127.0.0.1"]\n{extra}\n'
+        f'[plugins.metrics]\nlisten = "127.0.0.1:{port}"\n',
     )
-    return Config.from_toml_text(path.read_text(), path)
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
-
-
-@pytest.fixture
-def errors() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).rstrip()), level="ERROR")
-    yield lines
-    logger.remove(sink)
 
 
 EXPIRY = "arcology_certificate_not_after_seconds"

@@ -8,15 +8,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-from loguru import logger
 
 from actors.cryptosaur import Cryptosaur
 from actors.esper import Esper
@@ -28,77 +26,23 @@ from arc.runtime import Runtime
 from arc.testing import running
 from tests.certs import make_chain
 from tests.e2e.server import free_port
+from tests.plugin_helpers import config_in, docs_files, install_guide_plugin, wait_for
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 ORDER: list[str] = []
-
-
-def docs_files() -> dict[str, str]:
-    """The files the plugin guide shows, by name (fences marked ``file=``)."""
-    text = DOCS.read_text(encoding="utf-8")
-    return {
-        m.group(1): m.group(2)
-        for m in re.finditer(r"```\w+ file=(\S+)\n(.*?)```", text, re.S)
-    }
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
-
-
-@pytest.fixture
-def errors() -> Iterator[list[str]]:
-    """The ERROR lines logged during the test."""
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).rstrip()), level="ERROR")
-    yield lines
-    logger.remove(sink)
 
 
 @pytest.fixture(scope="module")
 def hello_package(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The guide's example, packaged and installed with pip into a target dir."""
     source = tmp_path_factory.mktemp("arcology-hello")
-    files = docs_files()
-    for name in ("pyproject.toml", "arcology_hello.py"):
-        (source / name).write_text(files[name])
     target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-cache-dir",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    install_guide_plugin(source, target)
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     yield target
     sys.path.remove(str(target))
     sys.modules.pop("arcology_hello", None)
     shutil.rmtree(target, ignore_errors=True)
-
-
-def config_in(folder: Path, plugins: str) -> Config:
-    """A configuration file in ``folder`` with these plugin tables."""
-    path = folder / "arcology.toml"
-    path.write_text(f'[arcology]\ndata_dir = "data"\n\n{textwrap.dedent(plugins)}')
-    return Config.from_toml_text(path.read_text(), path)
 
 
 def write_module(folder: Path, name: str, source: str) -> None:

@@ -13,45 +13,24 @@ import json
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.arc.test_plugins import docs_files
 from tests.certs import make_chain
 from tests.e2e.server import ArcologyProcess, free_port
+from tests.plugin_helpers import install_guide_plugin, wait_for
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The guide's plugin installed with pip into a folder of its own."""
     source = tmp_path_factory.mktemp("arcology-hello")
-    files = docs_files()
-    for name in ("pyproject.toml", "arcology_hello.py"):
-        (source / name).write_text(files[name])
     target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-cache-dir",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    install_guide_plugin(source, target)
     return target
 
 
@@ -149,15 +128,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, site: Path) -> Iterator[Ser
         yield running
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
-
-
 def test_plugins_that_cannot_start_are_reported_and_the_rest_runs(
     server: Server,
 ) -> None:
@@ -205,7 +175,9 @@ def test_an_upload_reaches_the_plugin_and_the_metrics(
 
     uploaded = server.ai1("upload", str(bundle))
     heard = wait_for(
-        lambda: "shop.example.com" in server.call("hello.greet")["changed"]
+        lambda: "shop.example.com" in server.call("hello.greet")["changed"],
+        timeout=10.0,
+        interval_s=0.1,
     )
     greeting = server.call("hello.greet")
     expiry = server.metrics()["arcology_certificate_not_after_seconds"]

@@ -1,0 +1,17 @@
+"""Fixtures shared by test modules in more than one package."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from loguru import logger
+
+
+@pytest.fixture
+def errors() -> Iterator[list[str]]:
+    """The ERROR lines logged during the test."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m).rstrip()), level="ERROR")
+    yield lines
+    logger.remove(sink)
