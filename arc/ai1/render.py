@@ -13,8 +13,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-# The stable fields of `ai1 list --json`, in order.
-LIST_FIELDS = (
+# The fields every certificate shape opens with, in order.
+CERTIFICATE_FIELDS = (
     "domain",
     "domains",
     "fingerprint",
@@ -23,18 +23,12 @@ LIST_FIELDS = (
     "issuer",
     "subject",
     "key_type",
-    "days_left",
 )
+# The stable fields of `ai1 list --json`, in order.
+LIST_FIELDS = (*CERTIFICATE_FIELDS, "days_left")
 # The stable fields of `ai1 show --json`; "chain" holds CHAIN_FIELDS each.
 SHOW_FIELDS = (
-    "domain",
-    "domains",
-    "fingerprint",
-    "not_before",
-    "not_after",
-    "issuer",
-    "subject",
-    "key_type",
+    *CERTIFICATE_FIELDS,
     "chain_length",
     "reordered",
     "days_left",
@@ -71,6 +65,11 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _pick(source: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """``names`` from ``source``, in that order and ``plain``; missing ones None."""
+    return {name: plain(source.get(name)) for name in names}
+
+
 def dumps(value: Any) -> str:
     """Indented JSON with keys in the order given."""
     return json.dumps(plain(value), indent=2, ensure_ascii=False)
@@ -97,7 +96,7 @@ def _days_left(row: dict[str, Any]) -> int | None:
 
 def certificate_json(row: dict[str, Any]) -> dict[str, Any]:
     """One certificate in the stable shape of ``ai1 list --json``."""
-    out = {name: plain(row.get(name)) for name in LIST_FIELDS}
+    out = _pick(row, LIST_FIELDS)
     if out["domains"] is None and out["domain"] is not None:
         out["domains"] = [out["domain"]]
     out["days_left"] = _days_left(row)
@@ -113,14 +112,10 @@ def list_json(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def show_json(detail: dict[str, Any]) -> dict[str, Any]:
     """The stable shape of ``ai1 show --json``."""
-    out = {name: plain(detail.get(name)) for name in SHOW_FIELDS}
+    out = _pick(detail, SHOW_FIELDS)
     out["days_left"] = _days_left(detail)
     chain = detail.get("chain") or []
-    out["chain"] = [
-        {name: plain(c.get(name)) for name in CHAIN_FIELDS}
-        for c in chain
-        if isinstance(c, dict)
-    ]
+    out["chain"] = [_pick(c, CHAIN_FIELDS) for c in chain if isinstance(c, dict)]
     return out
 
 
@@ -143,7 +138,7 @@ def status_json(status: dict[str, Any]) -> dict[str, Any]:
         ],
         "admin": plain(status.get("admin")),
         "listeners": [
-            {name: plain(listener.get(name)) for name in LISTENER_FIELDS}
+            _pick(listener, LISTENER_FIELDS)
             for listener in (esper.get("listeners") or [])
             if isinstance(listener, dict)
         ]
@@ -163,9 +158,9 @@ def services_json(services: Any) -> list[dict[str, Any]]:
     for service in services if isinstance(services, list) else []:
         if not isinstance(service, dict):
             continue
-        entry = {name: plain(service.get(name)) for name in SERVICE_FIELDS}
+        entry = _pick(service, SERVICE_FIELDS)
         entry["hosts"] = [
-            {name: plain(host.get(name)) for name in HOST_FIELDS}
+            _pick(host, HOST_FIELDS)
             if isinstance(host, dict)
             else {"host": plain(host), "certificate": None, "days_left": None}
             for host in service.get("hosts") or []
