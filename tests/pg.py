@@ -155,9 +155,9 @@ class ThrowawayPostgres:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[ThrowawayPostgres]:
-    """One throwaway PostgreSQL for the whole test run."""
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    """A started throwaway PostgreSQL, destroyed on leaving (skips if missing)."""
     require_postgres()
     server = ThrowawayPostgres()
     try:
@@ -165,6 +165,13 @@ def postgres_server() -> Iterator[ThrowawayPostgres]:
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[ThrowawayPostgres]:
+    """One throwaway PostgreSQL for the whole test run."""
+    with throwaway_postgres() as server:
+        yield server
 
 
 @pytest.fixture
@@ -176,10 +183,5 @@ def pg_url(postgres_server: ThrowawayPostgres) -> str:
 @pytest.fixture
 def own_postgres() -> Iterator[ThrowawayPostgres]:
     """A throwaway PostgreSQL of the test's own, free to stop and restart."""
-    require_postgres()
-    server = ThrowawayPostgres()
-    try:
-        server.start()
+    with throwaway_postgres() as server:
         yield server
-    finally:
-        server.destroy()
