@@ -6,12 +6,11 @@ import http.client
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from actors.cryptosaur import Cryptosaur
 from actors.esper import Esper
@@ -57,14 +56,6 @@ def write_config(tmp_path: Path, *services: str, local_ca: bool = False) -> Path
         f"local_ca = {'true' if local_ca else 'false'}\n\n" + "\n".join(services)
     )
     return path
-
-
-@pytest.fixture
-def logs() -> Iterator[list[Any]]:
-    records: list[Any] = []
-    sink = logger.add(lambda m: records.append(m.record), level="DEBUG")
-    yield records
-    logger.remove(sink)
 
 
 def lines(records: list[Any], level: str, text: str) -> list[str]:

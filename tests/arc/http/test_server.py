@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 
 import arc.http.server as server_module
 from arc.config import ServiceConfig
@@ -85,14 +84,6 @@ def plane(tmp_path: Path) -> Iterator[Plane]:
     p = Plane(tmp_path, header_timeout_s=0.5, max_body_bytes=1000)
     yield p
     p.close()
-
-
-@pytest.fixture
-def logs() -> Iterator[list[Any]]:
-    records: list[Any] = []
-    sink = logger.add(lambda m: records.append(m.record), level="DEBUG")
-    yield records
-    logger.remove(sink)
 
 
 def shared(plane: Plane, www: Path) -> tuple[int, int]:
