@@ -52,6 +52,10 @@ Limits
 LIMITATION: a ClientHello that hides its name (Encrypted Client Hello) is
 served by its outer, public name; ECH is not offered by these contexts, so
 clients fall back to a plain ClientHello.
+LIMITATION: a handshake that OpenSSL itself refuses (no shared group or
+cipher suite, a TLS 1.1 client) ends in EOF for the client, not an alert:
+neither uvloop nor asyncio sends the alert OpenSSL wrote before closing.
+Only Arcology's own refusals (policy, malformed hello) carry an alert.
 LIMITATION: TLS session resumption is per context; a client that reconnects
 after its name's context was rebuilt (certificate change, eviction, TTL)
 makes a full handshake.
