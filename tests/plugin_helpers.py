@@ -10,7 +10,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from arc.config import Config
+
+# One metric's samples: value by sorted (label, value) pairs.
+Samples = dict[tuple[tuple[str, str], ...], float]
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
@@ -74,3 +79,16 @@ def wait_for(
             return True
         time.sleep(interval_s)
     return check()
+
+
+def metric_samples(text: str) -> dict[str, Samples]:
+    """Every sample of a Prometheus exposition, by sample name then labels.
+
+    The text is read by the Prometheus client library, not by Arcology.
+    """
+    found: dict[str, Samples] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            found.setdefault(sample.name, {})[labels] = sample.value
+    return found

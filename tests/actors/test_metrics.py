@@ -32,7 +32,8 @@ from arc.errors import ConfigError
 from arc.plugins import parse_options, start_plugins
 from arc.testing import running
 from tests.certs import make_chain
-from tests.plugin_helpers import config_in, wait_for
+from tests.e2e.server import free_port
+from tests.plugin_helpers import Samples, config_in, metric_samples, wait_for
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -40,13 +41,9 @@ def parse(text: str) -> dict[str, Any]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
-def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    found: dict[tuple[tuple[str, str], ...], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                found[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
+def samples(text: str, name: str) -> Samples:
+    """The samples of the metric ``name`` (none: empty)."""
+    return metric_samples(text).get(name, {})
 
 
 # -- the exposition format ----------------------------------------------------
@@ -163,12 +160,6 @@ def test_esper_figures_are_left_out_when_esper_does_not_report_them() -> None:
 
 
 # -- the plugin in a running Arcology -----------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, str, str]:

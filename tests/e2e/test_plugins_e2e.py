@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certs import make_chain
 from tests.e2e.server import ArcologyProcess, free_port
-from tests.plugin_helpers import install_guide_plugin, wait_for
+from tests.plugin_helpers import Samples, install_guide_plugin, metric_samples, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +109,10 @@ actor = "fire:Fire"
         finally:
             connection.close()
 
-    def metrics(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    def metrics(self) -> dict[str, Samples]:
         status, text = self.get(self.metrics_port, "/metrics", "127.0.0.1")
         assert status == 200
-        found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = tuple(sorted(sample.labels.items()))
-                found.setdefault(sample.name, {})[labels] = sample.value
-        return found
+        return metric_samples(text)
 
 
 @pytest.fixture(scope="module")
