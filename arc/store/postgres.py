@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 import psycopg
 from loguru import logger
 
+from arc.bundle import iso_utc
 from arc.errors import Busy, ConfigError, Internal
 from arc.store.base import (
     RECORD_COLUMNS,
@@ -138,10 +139,6 @@ def describe_url(url: str) -> str:
 def _as_moment(value: dt.datetime) -> dt.datetime:
     # psycopg gives TIMESTAMPTZ columns as aware datetimes already.
     return value
-
-
-def _iso_z(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class PostgresBackend:
@@ -281,7 +278,7 @@ class PostgresBackend:
             ).fetchall()
 
         rows = self._run(work)
-        return summaries_from_rows(rows, _iso_z)
+        return summaries_from_rows(rows, iso_utc)
 
     def expiring(self, before: dt.datetime) -> Summaries:
         """Certificates ending before ``before``: fingerprint, not_after, domains.
@@ -298,7 +295,7 @@ class PostgresBackend:
                 (before.replace(microsecond=0),),
             ).fetchall()
 
-        return expiring_from_rows(self._run(work), _iso_z)
+        return expiring_from_rows(self._run(work), iso_utc)
 
     def domains_of(self, fingerprint: str) -> Domains:
         """The domains pointing at the certificate ``fingerprint``, sorted."""

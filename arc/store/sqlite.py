@@ -33,6 +33,7 @@ import stat
 import threading
 from pathlib import Path
 
+from arc.bundle import iso_utc
 from arc.errors import ConfigError, Internal
 from arc.store.base import (
     RECORD_COLUMNS,
@@ -98,7 +99,7 @@ def _moment(text: str) -> dt.datetime:
 
 
 def _iso_z(text: str) -> str:
-    return _moment(text).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(_moment(text))
 
 
 class SqliteBackend:
