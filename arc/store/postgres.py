@@ -44,7 +44,7 @@ import contextlib
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -347,8 +347,7 @@ class PostgresBackend:
         """Keep a value about the store (one transaction)."""
 
         def work(conn: psycopg.Connection[Any]) -> None:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            with _write_transaction(conn):
                 conn.execute(
                     "INSERT INTO arc_meta (name, value) VALUES (%s, %s) "
                     "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -361,8 +360,7 @@ class PostgresBackend:
         """Point ``domains`` at ``record`` in one transaction."""
 
         def work(conn: psycopg.Connection[Any]) -> tuple[int, Domains]:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            with _write_transaction(conn):
                 conn.execute(
                     "INSERT INTO arc_certificates (fingerprint, chain_pem, "
                     "key_sealed, not_before, not_after, issuer, subject, key_type, "
@@ -426,8 +424,7 @@ class PostgresBackend:
         """Delete the certificate ``domain`` points at, with all its domains."""
 
         def work(conn: psycopg.Connection[Any]) -> Domains:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            with _write_transaction(conn):
                 row = conn.execute(
                     "SELECT fingerprint FROM arc_domains WHERE domain = %s",
                     (domain,),
@@ -488,6 +485,14 @@ class PostgresBackend:
             return heard
 
         return self._run(work)
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """One transaction holding ``WRITE_LOCK``: writers run one at a time."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        yield
 
 
 def _notify(conn: psycopg.Connection[Any], seq: int) -> None:
