@@ -181,10 +181,7 @@ class PostgresBackend:
             )
         except psycopg.Error as exc:
             self._retry_at = time.monotonic() + RECONNECT_PAUSE_S
-            raise Busy(
-                f"certificate store {self.where} is unreachable "
-                f"({_reason(exc)}); retry shortly"
-            ) from exc
+            raise self._unreachable(exc) from exc
         try:
             conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS:d}")
             self._migrate(conn)
@@ -234,10 +231,14 @@ class PostgresBackend:
                 # The connection is gone or unusable: drop it, the next call
                 # connects afresh. The write, if any, was rolled back.
                 self._drop()
-                raise Busy(
-                    f"certificate store {self.where} is unreachable "
-                    f"({_reason(exc)}); retry shortly"
-                ) from exc
+                raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: BaseException) -> Busy:
+        """The error for a call that could not reach the database, with why."""
+        return Busy(
+            f"certificate store {self.where} is unreachable "
+            f"({_reason(exc)}); retry shortly"
+        )
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
