@@ -251,6 +251,7 @@ class Hyperion(Actor):
         # is one missing certificate.
         seen: set[str] = set()
         missing: set[str] = set()
+        present: list[str] = []
         for service in services:
             if service.tls == "none":
                 continue
@@ -266,11 +267,17 @@ class Hyperion(Actor):
                     )
                     continue
                 if found is not None:
+                    present.append(host)
                     continue
                 missing.add(host)
                 if not (only_new and host in self._missing):
                     self._report_missing(host, service)
         self._missing = missing
+
+        # Warm start: Esper builds these contexts in the background, so the
+        # first handshakes find them cached; nothing here waits for it.
+        if present:
+            self.runtime.tell("Esper", "warm", {"domains": sorted(present)})
 
     def _report_missing(self, host: str, service: ServiceConfig) -> None:
         self.log.error(

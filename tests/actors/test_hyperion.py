@@ -301,3 +301,33 @@ def test_a_restart_after_a_crash_keeps_what_the_last_reload_installed(
 
     assert names == ["blog"]
     assert answer[:2] == (200, b"shop home")
+
+
+def test_contexts_of_tls_hosts_are_built_at_start_before_any_handshake(
+    tmp_path: Path,
+) -> None:
+    plain, tls = free_ports(2)
+    path = write_config(
+        tmp_path,
+        service("shop", [SHOP], plain, tls="required", tlsPort=tls, root="www"),
+    )
+    config = load_config(path)
+    chain = make_chain(SHOP)
+    with running([Cryptosaur], config) as rt:
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": chain.bundle()})
+
+    with running(CORE, config) as rt:
+
+        def cache() -> dict[str, int]:
+            counters: dict[str, int] = rt.ask("Esper", "status", {})["cache"]
+            return counters
+
+        warmed = eventually(lambda: cache()["size"] == 1)
+        before = cache()
+        status, body, _answer = get(tls, SHOP, chain.client_context())
+        after = cache()
+
+    assert warmed
+    assert (status, body) == (200, b"shop home")
+    assert after["misses"] == before["misses"]
+    assert after["hits"] == before["hits"] + 1
