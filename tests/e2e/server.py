@@ -29,6 +29,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def run_ai1(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``ai1 ARGS`` in ``folder`` and return its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "arc.ai1.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        timeout=60,
+        check=False,
+    )
+
+
 class ArcologyProcess:
     """One Arcology process with its configuration file and log."""
 

@@ -27,7 +27,7 @@ import pytest
 from arc.messages import MAX_MESSAGE_BYTES
 from arc.wire import answer_decoder, frame, request_frame
 from tests.certs import make_chain
-from tests.e2e.server import ArcologyProcess, free_port
+from tests.e2e.server import ArcologyProcess, free_port, run_ai1
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,14 +77,7 @@ class Arcology:
 
     def ai1(self, *args: str, config: bool = True) -> subprocess.CompletedProcess[str]:
         prefix = ["--config", str(self.config)] if config else []
-        return subprocess.run(
-            [sys.executable, "-m", "arc.ai1.cli", *prefix, *args],
-            capture_output=True,
-            text=True,
-            cwd=self.folder,
-            timeout=60,
-            check=False,
-        )
+        return run_ai1(self.folder, *prefix, *args)
 
 
 @pytest.fixture(scope="module")

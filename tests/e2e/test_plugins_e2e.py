@@ -12,7 +12,6 @@ import http.client
 import json
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.certs import make_chain
-from tests.e2e.server import ArcologyProcess, free_port
+from tests.e2e.server import ArcologyProcess, free_port, run_ai1
 from tests.plugin_helpers import Samples, install_guide_plugin, metric_samples, wait_for
 
 
@@ -86,14 +85,7 @@ actor = "fire:Fire"
         self.config = self.process.config_path
 
     def ai1(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "arc.ai1.cli", "--config", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            cwd=self.folder,
-            timeout=60,
-            check=False,
-        )
+        return run_ai1(self.folder, "--config", str(self.config), *args)
 
     def call(self, verb: str, *args: str) -> Any:
         done = self.ai1("call", verb, *args)
