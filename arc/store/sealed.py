@@ -9,7 +9,6 @@ never sees a plaintext key, so any backend inherits encryption at rest.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from arc.bundle import Bundle
 from arc.errors import Internal
@@ -22,6 +21,7 @@ from arc.store.base import (
     Store,
     StoredCertificate,
     Summaries,
+    expiring_from_rows,
 )
 from arc.store.keys import MasterKey, UnsealError
 
@@ -97,20 +97,13 @@ class SealedStore:
         own = getattr(self.backend, "expiring", None)
         if own is not None:
             return list(own(before))
-        found: dict[str, dict[str, Any]] = {}
-        for row in self.backend.list():
-            not_after = dt.datetime.fromisoformat(row["not_after"])
-            if not_after < before:
-                entry = found.setdefault(
-                    row["fingerprint"],
-                    {
-                        "fingerprint": row["fingerprint"],
-                        "not_after": row["not_after"],
-                        "domains": [],
-                    },
-                )
-                entry["domains"].append(row["domain"])
-        return sorted(found.values(), key=lambda e: str(e["not_after"]))
+        rows = (
+            (row["fingerprint"], row["not_after"], row["domain"])
+            for row in self.backend.list()
+            if dt.datetime.fromisoformat(row["not_after"]) < before
+        )
+        found = expiring_from_rows(rows, str)
+        return sorted(found, key=lambda e: str(e["not_after"]))
 
     def domains_of(self, fingerprint: str) -> Domains:
         """The domains pointing at the certificate ``fingerprint``, sorted."""
