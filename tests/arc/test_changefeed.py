@@ -138,6 +138,10 @@ def test_a_database_outage_is_logged_once_and_missed_changes_catch_up(
         writer_again.put(parse_bundle(make_chain("missed.example.com").bundle()))
 
         heard.wait_for("missed.example.com", 8.0)
+        deadline = time.monotonic() + 5
+        while not any("reachable again" in line for line in log_lines):
+            assert time.monotonic() < deadline, "recovery was never logged"
+            time.sleep(0.05)
         warnings = [line for line in log_lines if line.startswith("WARNING")]
         recovered = [line for line in log_lines if "reachable again" in line]
         assert len(warnings) == 1 and "unreachable" in warnings[0]

@@ -475,6 +475,13 @@ def test_each_request_writes_one_access_line(
     plain, _ = shared(plane, www)
 
     request(plain, path="/hello.txt", host="opt.example.com")
+    # The line is written once the answer has left, so it may trail the
+    # client's read by a moment.
+    deadline = time.monotonic() + 5
+    while not any(r["message"].startswith("access ") for r in logs):
+        assert time.monotonic() < deadline, "no access line within 5 s"
+        time.sleep(0.01)
+    time.sleep(0.05)
 
     lines = [r for r in logs if r["message"].startswith("access ")]
     assert len(lines) == 1
