@@ -119,7 +119,11 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = False
         self.server: tuple[str, int] | None = None
         self.client: tuple[str, int] | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # The parser holds this protocol (its callbacks): a cycle, broken in
+        # connection_lost so the connection is freed at once, not by the GC.
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(
+            self
+        )
 
         # The request whose head is being parsed.
         self._url = b""
@@ -155,10 +159,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; its callbacks do the work."""
-        if self._stop_parsing:
+        parser = self.parser
+        if self._stop_parsing or parser is None:
             return
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # The parser stops at an Upgrade head (see on_headers_complete):
             # answer what came, then close.
@@ -193,6 +198,7 @@ class HttpProtocol(asyncio.Protocol):
         """Tell every exchange the client is gone; stop the timer."""
         self.closed = True
         self._stop_parsing = True
+        self.parser = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -246,6 +252,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._stop_parsing:
             return
         parser = self.parser
+        assert parser is not None  # called by the parser itself
         url = self._url
         host = b""
         hosts = 0

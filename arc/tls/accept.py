@@ -154,6 +154,9 @@ class ConnectionStats:
 
             def connection_lost(exc: Exception | None) -> None:
                 self.connections_open -= 1
+                # These closures and the protocol hold each other: break the
+                # cycle so the connection is freed at once, not by the GC.
+                del protocol.connection_made, protocol.connection_lost
                 lost(exc)
 
             # Instance attributes: the transport calls these, and nothing is
