@@ -51,6 +51,7 @@ marks); an upload that stalls mid-body has no timeout of its own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
@@ -95,6 +96,31 @@ class _HeadersTooLarge(Exception):
 class HttpProtocol(asyncio.Protocol):
     """HTTP/1.1 for one connection; see the module docstring."""
 
+    # Per-connection state starts as these class defaults and becomes an
+    # instance attribute when first written: a new connection (one per TLS
+    # handshake) then sets only what differs.
+    transport: asyncio.Transport | None = None
+    closed = False
+    # The request whose head is being parsed.
+    _url = b""
+    _head_bytes = 0
+    _raw_head = 0
+    # The exchange whose body is being parsed and the one being answered.
+    _parsing: Exchange | None = None
+    _active: Exchange | None = None
+    _advancing = False
+    _stop_parsing = False
+    _reading_paused = False
+    _write_paused = False
+    _drain_waiter: asyncio.Future[None] | None = None
+    # The one timer: what the connection waits for, and until when.
+    _waiting = _HEADERS
+    _deadline = 0.0
+    _timer: asyncio.TimerHandle | None = None
+    _timer_at = 0.0
+    # The addresses, read from the transport when first needed (see below).
+    _addresses: tuple[tuple[str, int] | None, tuple[str, int] | None] | None = None
+
     def __init__(
         self,
         dataplane: Any,
@@ -112,39 +138,43 @@ class HttpProtocol(asyncio.Protocol):
         self.tls_domain = tls_domain.lower() if tls_domain else None
         self.max_body = settings.max_body_bytes
         self.header_timeout = settings.header_timeout_s
-        hsts = hsts_header(settings.hsts) if self.is_tls else None
-        self.hsts = hsts[0] + b": " + hsts[1] + b"\r\n" if hsts else b""
+        self.hsts = _hsts_line(settings.hsts) if self.is_tls else b""
         self.access_log = settings.access_log
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.server: tuple[str, int] | None = None
-        self.client: tuple[str, int] | None = None
         # The parser holds this protocol (its callbacks): a cycle, broken in
         # connection_lost so the connection is freed at once, not by the GC.
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(
             self
         )
-
-        # The request whose head is being parsed.
-        self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
-        self._raw_head = 0
-        # The exchange whose body is being parsed, the one being answered,
-        # and the ones waiting behind it.
-        self._parsing: Exchange | None = None
-        self._active: Exchange | None = None
+        # The exchanges waiting behind the active one.
         self._queue: deque[Exchange] = deque()
-        self._advancing = False
-        self._stop_parsing = False
-        self._reading_paused = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        # The one timer: what the connection waits for, and until when.
-        self._waiting = _HEADERS
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+
+    @property
+    def server(self) -> tuple[str, int] | None:
+        """The local address of the connection (ASGI ``server``)."""
+        return self._transport_addresses()[0]
+
+    @property
+    def client(self) -> tuple[str, int] | None:
+        """The peer's address (ASGI ``client``)."""
+        return self._transport_addresses()[1]
+
+    def _transport_addresses(
+        self,
+    ) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        # Read once, when first needed: most connections (static files)
+        # never need them, and each read is a system call.
+        addresses = self._addresses
+        if addresses is None:
+            transport = self.transport
+            if transport is None:
+                return (None, None)
+            addresses = (
+                _address(transport.get_extra_info("sockname")),
+                _address(transport.get_extra_info("peername")),
+            )
+            self._addresses = addresses
+        return addresses
 
     # -- transport callbacks -------------------------------------------------
 
@@ -152,8 +182,6 @@ class HttpProtocol(asyncio.Protocol):
         """Start the header clock: a client that sends nothing gets 408."""
         # uvloop's transports are not asyncio.Transport subclasses; same API.
         self.transport = cast(asyncio.Transport, transport)
-        self.server = _address(transport.get_extra_info("sockname"))
-        self.client = _address(transport.get_extra_info("peername"))
         self._deadline = self.loop.time() + self.header_timeout
         self._arm_timer()
 
@@ -357,7 +385,8 @@ class HttpProtocol(asyncio.Protocol):
     def _start(self, ex: Exchange) -> None:
         # Decide who answers: plugin port, then the routing table.
         self._active = ex
-        ex.started_at = time.perf_counter()
+        if self.access_log:
+            ex.started_at = time.perf_counter()  # read only by the access log
         if ex.error:
             self._error(ex, ex.error)
             return
@@ -693,6 +722,13 @@ class HttpProtocol(asyncio.Protocol):
             ms,
             self.scheme,
         )
+
+
+@functools.cache
+def _hsts_line(setting: str) -> bytes:
+    """The ``Strict-Transport-Security`` line for a setting, built once."""
+    hsts = hsts_header(setting)
+    return hsts[0] + b": " + hsts[1] + b"\r\n" if hsts else b""
 
 
 def _address(value: Any) -> tuple[str, int] | None:
