@@ -67,6 +67,7 @@ from arc.http.static import CHUNK_BYTES, FileBody, StaticFiles, read_chunk
 
 if TYPE_CHECKING:
     from arc.config import Settings
+    from arc.tls.accept import ConnectionStats
 
 # RFC 9110 gives no number; 16 KiB holds any sane request line and headers.
 MAX_HEADER_BYTES = 16 * 1024
@@ -118,6 +119,9 @@ class HttpProtocol(asyncio.Protocol):
     _deadline = 0.0
     _timer: asyncio.TimerHandle | None = None
     _timer_at = 0.0
+    # The open-connection counter of the listener, which sets it (see
+    # ConnectionStats.counted); None when nobody counts.
+    connection_stats: ConnectionStats | None = None
     # The addresses, read from the transport when first needed (see below).
     _addresses: tuple[tuple[str, int] | None, tuple[str, int] | None] | None = None
 
@@ -182,6 +186,9 @@ class HttpProtocol(asyncio.Protocol):
         """Start the header clock: a client that sends nothing gets 408."""
         # uvloop's transports are not asyncio.Transport subclasses; same API.
         self.transport = cast(asyncio.Transport, transport)
+        stats = self.connection_stats
+        if stats is not None:
+            stats.connections_open += 1
         self._deadline = self.loop.time() + self.header_timeout
         self._arm_timer()
 
@@ -224,6 +231,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Tell every exchange the client is gone; stop the timer."""
+        stats = self.connection_stats
+        if stats is not None:
+            stats.connections_open -= 1
         self.closed = True
         self._stop_parsing = True
         self.parser = None

@@ -177,6 +177,11 @@ class ConnectionStats:
 
         def make() -> asyncio.Protocol:
             protocol = factory()
+            if hasattr(protocol, "connection_stats"):
+                # It counts itself (HttpProtocol does): one attribute write
+                # instead of two closures per connection.
+                protocol.connection_stats = self
+                return protocol
             made, lost = protocol.connection_made, protocol.connection_lost
 
             def connection_made(transport: asyncio.BaseTransport) -> None:
