@@ -212,12 +212,14 @@ class RoutingTable:
                 return route
         return None
 
-    def tls_allowed(self, domain: str) -> bool:
+    def tls_allowed(self, domain: str, *, normalized: bool = False) -> bool:
         """False when every service for ``domain`` is ``tls = "none"``.
 
         Unknown domains answer True: the certificate store decides for them.
+        ``normalized`` says the caller's name is already lower-case without a
+        port or trailing dot (a server name from a ClientHello is).
         """
-        host = normalize_host(domain)
+        host = domain if normalized else normalize_host(domain)
         if host in self._hosts:
             return host not in self._none_only
         wildcard = wildcard_of(host)

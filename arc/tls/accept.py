@@ -317,7 +317,10 @@ class TlsListener:
             # The common case, a cached name, costs no further await.
             name = hello.server_name
             entry = None
-            if name is not None and self.plane.routes.tls_allowed(name):
+            # parse_client_hello normalised the name already.
+            if name is not None and self.plane.routes.tls_allowed(
+                name, normalized=True
+            ):
                 entry = self.cache.lookup(name)
             if entry is None:
                 entry = await self._choose(hello, deadline)
@@ -384,7 +387,7 @@ class TlsListener:
     async def _choose(self, hello: ClientHello, deadline: float) -> CachedContext:
         """The context for this ClientHello, or HandshakeRefused."""
         name = hello.server_name
-        if name is not None and self.plane.routes.tls_allowed(name):
+        if name is not None and self.plane.routes.tls_allowed(name, normalized=True):
             entry = await self._context_for(name, deadline)
             if entry is not None:
                 return entry

@@ -65,8 +65,11 @@ EXTENSION_ALPN = 16
 # server_name list entry type for a DNS host name (RFC 6066 3).
 NAME_TYPE_HOST_NAME = 0
 # Server names already normalised, by their bytes: the same few names come
-# back on most connections. Past this many the memo starts over.
-MAX_REMEMBERED_NAMES = 4096
+# back on most connections. Past this many the memo starts over. At least
+# the default context cache size (10,000), so that every name whose context
+# is cached skips normalising too; valid names are short (253 bytes at most),
+# so the bound is about 5 MB.
+MAX_REMEMBERED_NAMES = 16384
 _NAMES: dict[bytes, str] = {}
 _TWO_U16 = struct.Struct("!HH").unpack_from
 # Alert descriptions (RFC 8446 6.2).
