@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 
 ASGIApp = Callable[..., Any]
 
+# Host header values whose routes a table remembers, at most; past this
+# many the memo starts over. Above the default context cache size (10,000),
+# so one Host per cached domain fits. Longer values (no valid host is over
+# 253 characters plus a port) are not remembered, which bounds the memo at
+# a few MB.
+MEMO_ENTRIES = 16384
+MEMO_MAX_HOST_CHARS = 262
+
 # What a host may hold once normalized: DNS labels, or an IP literal. Anything
 # else (a slash, a space, an "@") could turn a redirect into an open one.
 _HOST_RE = re.compile(r"[a-z0-9_\-]+(?:\.[a-z0-9_\-]+)*|\[[0-9a-f:.]+\]")
@@ -115,7 +123,7 @@ def derive_listeners(services: Iterable[ServiceConfig]) -> dict[int, bool]:
 class RoutingTable:
     """Host -> routes, built once; never changed after ``build``."""
 
-    __slots__ = ("_hosts", "_none_only", "services")
+    __slots__ = ("_hosts", "_memo", "_none_only", "services")
 
     def __init__(
         self, hosts: Mapping[str, tuple[Route, ...]], services: tuple[Any, ...] = ()
@@ -127,6 +135,10 @@ class RoutingTable:
             for host, routes in self._hosts.items()
             if all(r.service.tls == "none" for r in routes)
         )
+        # Host header values answered lately, with their normalized host and
+        # routes: a cache only (the table itself never changes), written on
+        # the data plane loop alone.
+        self._memo: dict[str, tuple[str, tuple[Route, ...]]] = {}
 
     @classmethod
     def empty(cls) -> RoutingTable:
@@ -193,6 +205,23 @@ class RoutingTable:
             if wildcard is not None:
                 routes = self._hosts.get(wildcard)
         return routes or ()
+
+    def routes_for_header(self, value: str) -> tuple[str, tuple[Route, ...]]:
+        """The normalized host and every route of a Host header value.
+
+        The same as ``routes_for`` after ``normalize_host``, remembered per
+        value: normalizing, the wildcard's validity check and two lookups
+        become one. Call it on the data plane loop only.
+        """
+        found = self._memo.get(value)
+        if found is None:
+            host = normalize_host(value)
+            found = (host, self.routes_for(host, normalized=True))
+            if len(value) <= MEMO_MAX_HOST_CHARS:
+                if len(self._memo) >= MEMO_ENTRIES:
+                    self._memo.clear()
+                self._memo[value] = found
+        return found
 
     def lookup(
         self, host: str, port: int | None = None, tls: bool = False

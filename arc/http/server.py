@@ -62,7 +62,7 @@ from loguru import logger
 from arc.http.asgi import ASGIApp, Exchange, date_header
 from arc.http.errors import error_body, status_line
 from arc.http.redirect import hsts_header, redirect_location, redirect_status
-from arc.http.routing import Route, covers, normalize_host
+from arc.http.routing import Route, covers
 from arc.http.static import CHUNK_BYTES, FileBody, StaticFiles, read_chunk
 
 if TYPE_CHECKING:
@@ -78,11 +78,6 @@ RAW_HEAD_GUARD_BYTES = MAX_HEADER_BYTES + 64 * 1024
 KEEP_ALIVE_IDLE_S = 5.0
 # Request body waiting for the application before reading pauses.
 BODY_HIGH_WATER_BYTES = 256 * 1024
-
-# Host header values seen lately and their normalized form: the same few
-# values repeat on every request, and normalizing costs more than a lookup.
-NORMALIZED_CACHE_ENTRIES = 1024
-_NORMALIZED: dict[str, str] = {}
 
 # Idle states of the connection, for the one timer.
 _BUSY, _IDLE, _HEADERS = 0, 1, 2
@@ -408,13 +403,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
 
         # Host routing: exact, then the wildcard one label up.
-        host = _NORMALIZED.get(ex.host)
-        if host is None:
-            host = normalize_host(ex.host)
-            if len(_NORMALIZED) >= NORMALIZED_CACHE_ENTRIES:
-                _NORMALIZED.clear()
-            _NORMALIZED[ex.host] = host
-        routes = self.dataplane.routes.routes_for(host, normalized=True)
+        host, routes = self.dataplane.routes.routes_for_header(ex.host)
         if not routes:
             self._error(ex, 404)
             return
