@@ -114,6 +114,8 @@ class HttpProtocol(asyncio.Protocol):
     _deadline = 0.0
     _timer: asyncio.TimerHandle | None = None
     _timer_at = 0.0
+    # The shared clock that holds the first deadline (see _HeaderClock).
+    _clock: _HeaderClock | None = None
     # The open-connection counter of the listener, which sets it (see
     # ConnectionStats.counted); None when nobody counts.
     connection_stats: ConnectionStats | None = None
@@ -185,7 +187,20 @@ class HttpProtocol(asyncio.Protocol):
         if stats is not None:
             stats.connections_open += 1
         self._deadline = self.loop.time() + self.header_timeout
-        self._arm_timer()
+        # The first deadline joins the connections' shared clock: two
+        # dictionary operations instead of a loop timer made and cancelled
+        # per connection (most connections end long before it).
+        clock = _HeaderClock.current
+        if (
+            clock is None
+            or clock.loop is not self.loop
+            or (clock.timeout_s != self.header_timeout)
+        ):
+            clock = _HeaderClock(self.loop, self.header_timeout)
+            _HeaderClock.current = clock
+        self._clock = clock
+        self._timer = _ON_CLOCK
+        clock.add(self, self._deadline)
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; its callbacks do the work."""
@@ -232,8 +247,13 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = True
         self._stop_parsing = True
         self.parser = None
-        if self._timer is not None:
-            self._timer.cancel()
+        timer = self._timer
+        if timer is not None:
+            if timer is _ON_CLOCK:
+                if self._clock is not None:
+                    self._clock.discard(self)
+            else:
+                timer.cancel()
             self._timer = None
         for ex in (self._active, self._parsing, *self._queue):
             if ex is not None:
@@ -728,6 +748,64 @@ def _hsts_line(setting: str) -> bytes:
     """The ``Strict-Transport-Security`` line for a setting, built once."""
     hsts = hsts_header(setting)
     return hsts[0] + b": " + hsts[1] + b"\r\n" if hsts else b""
+
+
+class _HeaderClock:
+    """One loop timer for the first deadline of many connections.
+
+    Every connection of one loop starts with the same timeout, so the
+    deadlines arrive in order: the earliest is the oldest entry, and one
+    timer armed for it serves them all. A due connection leaves the clock
+    and runs its own ``_on_timer``, which re-arms a timer of its own if its
+    deadline moved meanwhile; a connection that ends first simply leaves.
+    """
+
+    # The clock new connections join (one per loop and timeout; a new one is
+    # made when either changes, and older clocks run until they empty).
+    current: _HeaderClock | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self._waiting: dict[HttpProtocol, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, protocol: HttpProtocol, deadline: float) -> None:
+        """Wake ``protocol`` at ``deadline`` (no earlier than any added before)."""
+        self._waiting[protocol] = deadline
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._fire)
+
+    def discard(self, protocol: HttpProtocol) -> None:
+        """``protocol`` needs no wake-up any more."""
+        self._waiting.pop(protocol, None)
+
+    def _fire(self) -> None:
+        # Take the due connections and re-arm for the next before running
+        # any, so that one failing cannot stop the others' clock.
+        self._timer = None
+        now = self.loop.time()
+        waiting = self._waiting
+        due: list[HttpProtocol] = []
+        while waiting:
+            protocol, deadline = next(iter(waiting.items()))
+            if deadline > now:
+                self._timer = self.loop.call_at(deadline, self._fire)
+                break
+            del waiting[protocol]
+            due.append(protocol)
+        for protocol in due:
+            protocol._timer = None
+            try:
+                protocol._on_timer()
+            except Exception as exc:
+                self.loop.call_exception_handler(
+                    {"message": "HTTP connection timer failed", "exception": exc}
+                )
+
+
+# What HttpProtocol._timer holds while its deadline waits on a _HeaderClock.
+_ON_CLOCK = cast(asyncio.TimerHandle, object())
 
 
 def _address(value: Any) -> tuple[str, int] | None:
