@@ -36,7 +36,10 @@ is closed without an answer.
 Timers: one timer per connection at most, re-armed lazily. Each request only
 moves ``_deadline``; when the timer fires it compares the clock with the
 deadline in force and either acts or re-arms itself. A busy keep-alive
-connection therefore costs no timer operation per request.
+connection therefore costs no timer operation per request. The first
+deadline (set at ``connection_made``) waits on a ``_HeaderClock`` shared by
+the loop's connections instead of a timer of its own, so a short connection
+makes no loop timer at all.
 
 Flow control: reading pauses while requests wait behind the active one,
 while more than ``BODY_HIGH_WATER_BYTES`` of body waits for the application,
