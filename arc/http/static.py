@@ -168,6 +168,8 @@ class StaticFiles:
     def __init__(self, root: Path | str) -> None:
         self.root = os.path.realpath(root)
         self._prefix = self.root.rstrip(os.sep) + os.sep
+        # The root's index.html, spelled as respond() spells it for "/".
+        self._index = self.root + (_INDEX if self.root[-1:] != os.sep else "index.html")
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
 
     def _resolve(self, relative: str) -> tuple[str, os.stat_result] | None:
@@ -190,6 +192,17 @@ class StaticFiles:
         except (OSError, ValueError):
             return None
         return path, st
+
+    def _root_index(self) -> tuple[str, os.stat_result] | None:
+        # A request for the root ("/", the most common one) with one stat
+        # instead of two: a regular index.html below the root means the root
+        # is a folder, which is what the general path would stat first. Any
+        # other outcome goes the general way.
+        try:
+            st = os.stat(self._index)
+        except (OSError, ValueError):
+            return None
+        return (self._index, st) if stat_mod.S_ISREG(st.st_mode) else None
 
     def _resolve_links(self, relative: str) -> tuple[str, os.stat_result] | None:
         real = os.path.realpath(os.path.join(self.root, relative))
@@ -215,7 +228,9 @@ class StaticFiles:
         relative = safe_relative(raw_path)
         if relative is None:
             return NOT_FOUND
-        found = self._resolve(relative)
+        found = self._root_index() if not relative else None
+        if found is None:
+            found = self._resolve(relative)
         if found is None:
             return NOT_FOUND
         real, st = found
