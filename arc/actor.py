@@ -110,6 +110,9 @@ class Actor(pykka.ThreadingActor):
         except ArcError as exc:
             answer = encode_error(reply_id, exc)
         except Exception as exc:
+            # Mark the actor as restarting before the asker hears of the
+            # crash, so that what it sends next gets Busy, not a dead inbox.
+            self.runtime.actor_crashed(self.name, self.actor_urn, exc)
             if reply_to is not None:
                 failure = Internal(
                     f"{self.name} crashed handling the request "

@@ -117,7 +117,9 @@ class Runtime:
         self._callbacks: dict[str, list[Callable[[Any], None]]] = {}
         self._lock = threading.RLock()
         self._reply_ids = itertools.count(1)
-        self._restarts: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._restarts: queue.Queue[tuple[str, pykka.ActorRef[Actor]] | None] = (
+            queue.Queue()
+        )
         self._supervisor: threading.Thread | None = None
         self._dataplane: DataPlane | None = None
 
@@ -239,20 +241,20 @@ class Runtime:
             slot = self._slots.get(name)
             if slot is None or slot.ref is None or slot.ref.actor_urn != urn:
                 return
-            slot.ref = None
+            crashed, slot.ref = slot.ref, None
             if not slot.started_once:
                 # A crash in the first on_start: add() reports it, no restart.
                 slot.state = "failed"
                 return
             slot.state = "restarting"
-        self._restarts.put((name, urn))
+        self._restarts.put((name, crashed))
 
     def _supervise(self) -> None:
         while True:
             item = self._restarts.get()
             if item is None or self.stopping.is_set():
                 return
-            name, _urn = item
+            name, crashed = item
             with self._lock:
                 slot = self._slots.get(name)
                 if slot is None:
@@ -282,6 +284,9 @@ class Runtime:
             )
             if self.stopping.wait(backoff):
                 return
+            # The crashed instance must have released what it held (its
+            # port, its store) before the new one takes them.
+            crashed.actor_stopped.wait(STOP_TIMEOUT_S)
             with self._lock:
                 if self._slots.get(name) is not slot:
                     continue
