@@ -236,9 +236,10 @@ class Hyperion(Actor):
         return self.runtime.ask(actor, verb_name, payload, timeout=ASK_TIMEOUT_S)
 
     def _certificate(self, host: str) -> dict[str, Any] | None:
+        # The summary is all Hyperion needs: it never asks for a private key.
         try:
             found: dict[str, Any] = self._ask(
-                "Cryptosaur", "getCertificate", {"domain": host}
+                "Cryptosaur", "showCertificate", {"domain": host}
             )
         except NotFound:
             return None
