@@ -217,7 +217,7 @@ def ensure_localhost(data_dir: Path, ask: Ask) -> bool:
     """
     ca = load_or_create_ca(data_dir)
     try:
-        stored = ask("Cryptosaur", "getCertificate", {"domain": LOCALHOST})
+        stored = ask("Cryptosaur", "showCertificate", {"domain": LOCALHOST})
     except NotFound:
         stored = None
     if stored is not None:
