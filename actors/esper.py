@@ -214,7 +214,7 @@ class Esper(Actor):
         else:
             listener = PlainListener(plane, port, sockets, station.stats)
         try:
-            plane.run(_start(listener), LOOP_CALL_TIMEOUT_S)
+            plane.run(listener.start(), LOOP_CALL_TIMEOUT_S)
         except BaseException:
             for sock in sockets:
                 sock.close()
@@ -311,13 +311,6 @@ class Esper(Actor):
             return
         self.log.debug("contexts invalidated domains={}", domains)
         plane.call(station.cache.invalidate, [str(d) for d in domains])
-
-
-async def _start(listener: TlsListener | PlainListener) -> None:
-    if isinstance(listener, TlsListener):
-        listener.start()
-    else:
-        await listener.start()
 
 
 async def _stop(listener: TlsListener | PlainListener) -> None:

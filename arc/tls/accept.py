@@ -6,41 +6,43 @@ Python's ``sni_callback`` runs inside the handshake and must answer at once,
 so it cannot wait for a certificate that is not cached yet. Arcology chooses
 the context *before* the handshake starts instead:
 
-1. The listening sockets are watched with ``loop.add_reader``; each
-   readiness accepts up to ``ACCEPT_BATCH`` connections, and each connection
-   becomes its own task, so no client ever waits for another. With
+1. ``loop.create_server`` accepts (in the loop's own code, no task per
+   connection) and gives each connection a :class:`_HelloReader`. With
    ``TCP_DEFER_ACCEPT`` the kernel hands a connection over only once its
-   first bytes have arrived, so the ClientHello is usually there already.
-2. The task peeks at the socket (``recv`` with ``MSG_PEEK``: nothing is
-   consumed, OpenSSL will read the same bytes later) and parses the
-   ClientHello with :func:`arc.tls.clienthello.parse_client_hello`. While the
-   hello is incomplete (it may span TCP segments), the socket's
-   ``SO_RCVLOWAT`` is set to the byte count the parser asks for, so the loop
-   reports it readable only once those bytes are there instead of waking on
-   every segment.
-3. The server name picks the context: the cache's hit path (no await), or on
-   a miss an ask to Cryptosaur (exact domain, then the wildcard one label up)
-   that only this connection's task awaits. The routing table must allow TLS
-   for the name (``routes.tls_allowed``). In the common case (the hello has
-   arrived by the time the task runs, the name is cached) nothing is awaited
-   between ``accept`` and the handshake.
+   first bytes have arrived, so the ClientHello is usually whole in the
+   first read.
+2. The reader collects bytes until :func:`arc.tls.clienthello.parse_client_hello`
+   finds a whole ClientHello (it may span TCP segments; at most
+   ``MAX_CLIENT_HELLO_BYTES``).
+3. The server name picks the context: the cache's hit path, synchronously,
+   inside the read callback. On a miss, reading pauses and a task asks the
+   cache (which asks Cryptosaur: exact domain, then the wildcard one label
+   up); only that connection waits. The routing table must allow TLS for the
+   name (``routes.tls_allowed``).
 4. With no server name, an unusable one, or no certificate, the fallback
    setting decides: ``"reject"`` writes a plaintext ``unrecognized_name``
-   alert record and closes (asyncio would close silently), a domain serves
-   that domain's context instead.
-5. ``loop.connect_accepted_socket(..., ssl=context)`` runs the handshake and
-   attaches the HTTP protocol made by ``dataplane.http_protocol_factory``,
-   told the certificate's domain (``tls_domain``) so it can refuse hosts the
-   certificate does not cover.
+   alert record and closes (the loop's TLS code would close silently), a
+   domain serves that domain's context instead.
+5. Hand-over: the loop's own ``SSLProtocol`` (uvloop's, or asyncio's on
+   the default loop) is made for the chosen context and the HTTP protocol
+   from ``dataplane.http_protocol_factory`` (told the certificate's domain,
+   ``tls_domain``, so it can refuse hosts the certificate does not cover).
+   The bytes already read are written into its incoming buffer *before*
+   ``connection_made`` starts the handshake, so OpenSSL reads the same
+   ClientHello the reader parsed; then it becomes the transport's protocol.
+   This is what ``loop.start_tls`` does, minus its await and minus losing
+   the bytes uvloop has read already; ``MSG_PEEK`` plus
+   ``connect_accepted_socket`` would work too, at the cost of a peek system
+   call and a task per connection.
 
 What always holds
 -----------------
 - Reading the ClientHello and choosing its context together take at most
-  ``handshake_timeout_s``; the handshake proper has the same bound again. A
+  ``handshake_timeout_s`` (checked by one shared clock, up to
+  ``CLOCK_SLACK_S`` late); the handshake proper has the same bound again. A
   client that sends nothing is held by the kernel for ``DEFER_ACCEPT_S``
   first, at no cost to the loop.
-- At most ``MAX_CLIENT_HELLO_BYTES`` (16 KiB) are peeked; a larger hello is
-  refused.
+- A ClientHello larger than ``MAX_CLIENT_HELLO_BYTES`` is refused.
 - A slow certificate fetch delays only the connections asking for that
   name; cached names are served meanwhile.
 - Closing a listener stops accepting; connections already accepted carry on.
@@ -64,10 +66,9 @@ makes a full handshake.
 from __future__ import annotations
 
 import asyncio
-import errno
-import select
+import os
 import socket
-import ssl
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -88,64 +89,37 @@ from arc.tls.listener import BACKLOG
 if TYPE_CHECKING:
     from arc.http.routing import RoutingTable
 
-# Connections taken per readiness of a listening socket: enough to drain a
-# burst in one callback, few enough to let other callbacks run in between.
-ACCEPT_BATCH = 64
-# After EMFILE/ENFILE (out of descriptors), accepting pauses this long
-# instead of spinning on a readable socket it cannot accept from.
-ACCEPT_PAUSE_S = 0.1
-# When woken without the bytes asked for (the peer half-closed, or the
-# kernel ignored SO_RCVLOWAT), wait this long before peeking again.
-PEEK_RETRY_S = 0.005
 # How long the kernel holds a connection that has sent nothing before
 # handing it over anyway (then the handshake timeout applies). Clients send
 # their ClientHello at once, so this only delays silent ones.
 DEFER_ACCEPT_S = 1
-# Reads that discard what a refused peer sent, at most; a peer still
-# sending after that gets a reset, which it has earned.
-REFUSE_DRAIN_READS = 4
+# How late the hello clock may close an overdue connection: its one timer
+# is armed for the oldest deadline plus this, so under load it fires a few
+# times a second instead of once per connection.
+CLOCK_SLACK_S = 0.25
 # Protocol factories kept per certificate domain (they are cheap, but one
 # per connection is waste); past this many the table starts over.
 MAX_FACTORIES = 4096
 # The fallback value that refuses a handshake without a usable certificate.
 FALLBACK_REJECT = "reject"
 
-# Look without taking, and without waiting: accepted sockets stay blocking
-# until the loop's transport takes them.
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-
 log = logger.bind(actor="esper")
 
 
-class _AcceptedInet(socket.socket):
-    """An accepted IPv4 TCP socket whose ``family`` and ``type`` are constants.
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
+    """The loop's own TLS protocol: uvloop's on a uvloop loop, else asyncio's.
 
-    ``socket.socket`` turns both into enums on every read (about 0.4 us each)
-    and accepting plus ``connect_accepted_socket`` read them five times.
+    Each loop's transports know their own class best (uvloop reads straight
+    into its buffer, with no Python call per read).
     """
+    if type(loop).__module__.startswith("uvloop"):
+        import uvloop.loop
 
-    __slots__ = ()
-    family = socket.AF_INET
-    type = socket.SOCK_STREAM
+        protocol: Callable[..., Any] = uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+        return protocol
+    from asyncio.sslproto import SSLProtocol
 
-
-class _AcceptedInet6(socket.socket):
-    """The same for IPv6."""
-
-    __slots__ = ()
-    family = socket.AF_INET6
-    type = socket.SOCK_STREAM
-
-
-def _accepted_class(listening: socket.socket) -> type[socket.socket]:
-    """The class accepted sockets of ``listening`` are made with."""
-    if listening.type != socket.SOCK_STREAM:
-        return socket.socket
-    if listening.family == socket.AF_INET:
-        return _AcceptedInet
-    if listening.family == socket.AF_INET6:
-        return _AcceptedInet6
-    return socket.socket
+    return SSLProtocol
 
 
 class Plane(Protocol):
@@ -212,6 +186,140 @@ class HandshakeRefused(Exception):
         self.alert = alert
 
 
+class _HelloReader(asyncio.BufferedProtocol):
+    """One connection until its ClientHello is read and its context chosen.
+
+    ``received`` holds every byte the connection has sent so far;
+    ``choosing`` is set while a task fetches the context; ``refused`` once
+    an alert was sent and only the close remains; ``transport`` is None once
+    the connection is handed over or gone.
+    """
+
+    __slots__ = (
+        "choosing",
+        "deadline",
+        "listener",
+        "received",
+        "refused",
+        "transport",
+    )
+
+    def __init__(self, listener: TlsListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.received = b""
+        self.choosing = False
+        self.refused = False
+        self.deadline = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same API.
+        self.transport = transport  # type: ignore[assignment]
+        listener = self.listener
+        listener.clock.add(self)
+        # Deferred accept means the ClientHello is normally waiting: read it
+        # now, before the loop starts reading for this protocol. A cached
+        # name is then handed over before the loop ever reads, which spares
+        # the loop a stop and restart of reading (two system calls) and a
+        # wait for readiness.
+        try:
+            fd = transport.get_extra_info("socket").fileno()
+            data = os.read(fd, MAX_CLIENT_HELLO_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return  # not there yet: the loop reads it when it comes
+        except OSError as exc:
+            listener.hello_failed(self, f"read failed: {exc!r}")
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if not data:
+            listener.hello_failed(self, "connection closed before a ClientHello")
+            transport.close()
+            return
+        listener.hello_received(self, data)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Every reader shares one buffer: the loop calls buffer_updated
+        # before it reads for any other connection.
+        return self.listener.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self.listener.read_buffer[:nbytes].tobytes()
+        if self.refused or self.transport is None:
+            return
+        data = self.received + data
+        if self.choosing:
+            # Early bytes after the hello wait with it for the hand-over.
+            if len(data) > MAX_CLIENT_HELLO_BYTES:
+                self.listener.hello_failed(self, "too many bytes before the handshake")
+                self.abort()
+                return
+            self.received = data
+            return
+        self.listener.hello_received(self, data)
+
+    def eof_received(self) -> bool | None:
+        if self.transport is not None and not self.refused:
+            self.listener.hello_failed(self, "connection closed before a ClientHello")
+        self.transport = None
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None and not self.refused:
+            self.listener.hello_failed(self, f"connection lost: {exc!r}")
+        self.transport = None
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        transport = self.transport
+        self.transport = None
+        if transport is not None:
+            transport.abort()
+
+
+class _HelloClock:
+    """Closes connections whose ClientHello and context took too long.
+
+    Every deadline is accept time plus the same timeout, so they arrive in
+    order: a queue holds the readers, and one timer, armed for the oldest
+    deadline plus ``CLOCK_SLACK_S``, serves them all. A reader that has
+    moved on stays queued, small and inert, until its deadline passes.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout_s: float,
+        expire: Callable[[_HelloReader], None],
+    ) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self._expire = expire
+        self._readers: deque[_HelloReader] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, reader: _HelloReader) -> None:
+        reader.deadline = self.loop.time() + self.timeout_s
+        self._readers.append(reader)
+        if self._timer is None:
+            self._timer = self.loop.call_at(reader.deadline + CLOCK_SLACK_S, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        readers = self._readers
+        while readers and readers[0].deadline <= now:
+            reader = readers.popleft()
+            if reader.transport is not None:
+                try:
+                    self._expire(reader)
+                except Exception:
+                    log.opt(exception=True).error("hello clock failed")
+        if readers:
+            self._timer = self.loop.call_at(
+                readers[0].deadline + CLOCK_SLACK_S, self._fire
+            )
+
+
 class TlsListener:
     """Accepts connections on sockets of one TLS port and serves them."""
 
@@ -234,87 +342,54 @@ class TlsListener:
         self.fallback = fallback
         self.handshake_timeout_s = handshake_timeout_s
         self.stats = stats or ConnectionStats()
+        self.clock = _HelloClock(self.loop, handshake_timeout_s, self._expired)
+        self.read_buffer = memoryview(bytearray(MAX_CLIENT_HELLO_BYTES))
+        self._ssl_protocol = _ssl_protocol_class(self.loop)
+        self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._factories: dict[str, Callable[[], asyncio.Protocol]] = {}
         self._closed = False
 
-    def start(self) -> None:
-        """Start accepting; call on the loop thread."""
+    async def start(self) -> None:
+        """Start accepting; run on the loop."""
         for sock in self.sockets:
             # The kernel completes accept only once the client has sent
-            # something (its ClientHello), so the first peek finds it.
+            # something (its ClientHello), so the first read finds it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
-            self.loop.add_reader(
-                sock.fileno(), self._accept, sock, _accepted_class(sock)
+            server = await self.loop.create_server(
+                self._new_reader, sock=sock, backlog=BACKLOG
             )
+            self._servers.append(server)
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets; call on the loop."""
         if self._closed:
             return
         self._closed = True
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
         for sock in self.sockets:
-            self.loop.remove_reader(sock.fileno())
             sock.close()
 
-    def _accept(self, listening: socket.socket, accepted: type[socket.socket]) -> None:
-        family, kind, proto = listening.family, listening.type, listening.proto
-        for _ in range(ACCEPT_BATCH):
-            try:
-                # socket.accept() without its per-call enum conversions; the
-                # listening socket is non-blocking, so it sets no timeout.
-                fd, _address = listening._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._accept_failed(listening, exc)
-                return
-            sock = accepted(family, kind, proto, fd)
-            # No setblocking or TCP_NODELAY here: peeks pass MSG_DONTWAIT, and
-            # the loop's transport sets both when it takes the socket.
-            task = self.loop.create_task(self._serve(sock))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _new_reader(self) -> _HelloReader:
+        return _HelloReader(self)
 
-    def _accept_failed(self, listening: socket.socket, exc: OSError) -> None:
-        # Out of descriptors: the socket stays readable, so stop watching it
-        # for a moment rather than spin; other errors concern one connection.
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            log.warning(
-                "accept paused port={} reason={} pause_s={}",
-                self.port,
-                exc.strerror,
-                ACCEPT_PAUSE_S,
-            )
-            fd = listening.fileno()
-            self.loop.remove_reader(fd)
-            self.loop.call_later(ACCEPT_PAUSE_S, self._resume, listening)
-        else:
-            log.debug("accept failed port={} reason={}", self.port, exc)
+    # -- the ClientHello -----------------------------------------------------
 
-    def _resume(self, listening: socket.socket) -> None:
-        if not self._closed:
-            self.loop.add_reader(
-                listening.fileno(),
-                self._accept,
-                listening,
-                _accepted_class(listening),
-            )
-
-    async def _serve(self, sock: socket.socket) -> None:
-        """One connection: ClientHello, context, handshake, then HTTP."""
-        deadline = self.loop.time() + self.handshake_timeout_s
+    def hello_received(self, reader: _HelloReader, data: bytes) -> None:
+        """``data`` is everything the connection has sent so far."""
         try:
-            # Deferred accept means the hello is normally there already: one
-            # peek, no waiting. Otherwise read_client_hello waits for it.
             try:
-                data = sock.recv(MAX_CLIENT_HELLO_BYTES, _PEEK)
-            except (BlockingIOError, InterruptedError):
-                data = b""
-            hello = parse_client_hello(data) if data else None
-            if hello is None or not hello.complete:
-                hello = await read_client_hello(self.loop, sock, deadline)
-            # The common case, a cached name, costs no further await.
+                hello = parse_client_hello(data)
+            except ClientHelloError as exc:
+                self._refuse(reader, f"clienthello refused: {exc.message}", exc.alert)
+                return
+            if not hello.complete:
+                reader.received = data
+                return
+
+            # The common case, a cached name, is served right here.
             name = hello.server_name
             entry = None
             # parse_client_hello normalised the name already.
@@ -322,53 +397,129 @@ class TlsListener:
                 name, normalized=True
             ):
                 entry = self.cache.lookup(name)
-            if entry is None:
-                entry = await self._choose(hello, deadline)
-        except HandshakeRefused as exc:
-            self.stats.rejected += 1
-            self.stats.handshake_failures += 1
-            log.debug("handshake refused port={} reason={}", self.port, exc)
-            refuse(sock, exc.alert)
-            return
-        except ClientHelloError as exc:
-            self.stats.handshake_failures += 1
-            log.debug("clienthello refused port={} reason={}", self.port, exc.message)
-            refuse(sock, exc.alert)
-            return
-        except (OSError, TimeoutError, EOFError) as exc:
-            self.stats.handshake_failures += 1
-            log.debug("clienthello not read port={} reason={!r}", self.port, exc)
-            sock.close()
-            return
-        except Exception:
-            self._failed_unexpectedly(sock)
-            return
+            if entry is not None:
+                reader.received = b""
+                self._hand_over(reader, data, entry)
+                return
 
-        # The handshake and everything after belong to the transport.
+            # A miss: this connection waits for the cache, no other does.
+            assert reader.transport is not None
+            reader.received = data
+            reader.choosing = True
+            reader.transport.pause_reading()
+            task = self.loop.create_task(self._choose_and_hand_over(reader, hello))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        except Exception:
+            self._failed_unexpectedly(reader)
+
+    async def _choose_and_hand_over(
+        self, reader: _HelloReader, hello: ClientHello
+    ) -> None:
         try:
-            await self.loop.connect_accepted_socket(
-                self._factory(entry.domain),
-                sock,
-                ssl=entry.context,
-                ssl_handshake_timeout=self.handshake_timeout_s,
-            )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            # The transport owned the socket and closed it; closing again is
-            # a no-op (uvloop detaches it, asyncio closes the same object).
-            self.stats.handshake_failures += 1
-            log.debug("handshake failed port={} reason={!r}", self.port, exc)
-            sock.close()
+            entry = await self._choose(hello, reader.deadline)
+        except HandshakeRefused as exc:
+            if reader.transport is not None:
+                self.stats.rejected += 1
+                self._refuse(reader, f"handshake refused: {exc}", exc.alert)
             return
         except Exception:
-            self._failed_unexpectedly(sock)
+            self._failed_unexpectedly(reader)
             return
-        self.stats.handshakes += 1
+        transport = reader.transport
+        if transport is None or transport.is_closing():
+            # Timed out, or the client left, while the context was fetched.
+            return
+        data, reader.received, reader.choosing = reader.received, b"", False
+        try:
+            self._hand_over(reader, data, entry)
+            transport.resume_reading()
+        except Exception:
+            self._failed_unexpectedly(reader)
 
-    def _failed_unexpectedly(self, sock: socket.socket) -> None:
+    def hello_failed(self, reader: _HelloReader, reason: str) -> None:
+        """The peer went away before its context was chosen."""
+        reader.transport = None
+        self.stats.handshake_failures += 1
+        log.debug("clienthello not read port={} reason={}", self.port, reason)
+
+    def _expired(self, reader: _HelloReader) -> None:
+        transport = reader.transport
+        reader.transport = None
+        if transport is None:
+            return
+        if not reader.refused:
+            self.stats.handshake_failures += 1
+            log.debug(
+                "clienthello not read port={} reason=not complete within {} s",
+                self.port,
+                self.handshake_timeout_s,
+            )
+        transport.abort()
+
+    def _refuse(self, reader: _HelloReader, reason: str, alert: int) -> None:
+        """Send a fatal alert and end the connection once the peer has read it.
+
+        The connection half-closes after the alert and reads on (discarding)
+        until the peer closes or the hello clock runs out: closing at once
+        with unread bytes would make the kernel send a reset, which can reach
+        the client before the alert and hide it.
+        """
+        transport = reader.transport
+        if transport is None or reader.refused:
+            return
+        reader.refused = True
+        reader.received = b""
+        self.stats.handshake_failures += 1
+        log.debug("{} port={}", reason, self.port)
+        transport.write(alert_record(alert))
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:  # pragma: no cover - TCP transports can
+            transport.close()
+        if not transport.is_reading():
+            transport.resume_reading()
+
+    def _failed_unexpectedly(self, reader: _HelloReader) -> None:
         # A bug, not the peer: no caller will see it, so it is logged here.
         self.stats.handshake_failures += 1
         log.opt(exception=True).error("connection failed port={}", self.port)
-        sock.close()
+        reader.abort()
+
+    # -- the handshake ---------------------------------------------------------
+
+    def _hand_over(
+        self, reader: _HelloReader, data: bytes, entry: CachedContext
+    ) -> None:
+        """Give the connection to a TLS protocol for ``entry``'s context."""
+        transport = reader.transport
+        assert transport is not None
+        reader.transport = None
+        waiter = self.loop.create_future()
+        protocol = self._ssl_protocol(
+            self.loop,
+            self._factory(entry.domain)(),
+            entry.context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=self.handshake_timeout_s,
+        )
+        # The bytes go in before the handshake starts, so OpenSSL's first
+        # read finds the ClientHello that was parsed here.
+        size = len(data)
+        protocol.get_buffer(size)[:size] = data
+        protocol.buffer_updated(size)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        waiter.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+        exc = None if waiter.cancelled() else waiter.exception()
+        if exc is None:
+            self.stats.handshakes += 1
+        else:
+            self.stats.handshake_failures += 1
+            log.debug("handshake failed port={} reason={!r}", self.port, exc)
 
     def _factory(self, domain: str) -> Callable[[], asyncio.Protocol]:
         """The counted HTTP protocol factory for a certificate's domain."""
@@ -415,104 +566,9 @@ class TlsListener:
             return None
 
 
-async def read_client_hello(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float
-) -> ClientHello:
-    """Peek at ``sock`` until a whole ClientHello is there; consume nothing.
-
-    Raises:
-        ClientHelloError: the bytes are not a usable ClientHello.
-        EOFError: the peer closed before sending one.
-        TimeoutError: ``deadline`` (loop time) passed first.
-    """
-    low_water = 1
-    seen = 0
-    try:
-        while True:
-            try:
-                data = sock.recv(MAX_CLIENT_HELLO_BYTES, _PEEK)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            if data is not None:
-                if not data:
-                    raise EOFError("connection closed before a ClientHello")
-                hello = parse_client_hello(data)
-                if hello.complete:
-                    return hello
-                if len(data) == seen:
-                    # Woken without progress: the peer half-closed, or the
-                    # kernel ignored the low-water mark; never spin.
-                    if _peer_closed(sock):
-                        raise EOFError("connection closed inside the ClientHello")
-                    await asyncio.sleep(PEEK_RETRY_S)
-                    if loop.time() >= deadline:
-                        raise TimeoutError("ClientHello not complete in time")
-                    continue
-                seen = len(data)
-                if hello.wanted != low_water:
-                    low_water = hello.wanted
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
-            await wait_readable(loop, sock, deadline)
-    finally:
-        if low_water != 1 and sock.fileno() != -1:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """Whether the peer has shut down its side (POLLRDHUP), without waiting."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLRDHUP)
-    return any(mask & (select.POLLRDHUP | select.POLLHUP) for _, mask in poller.poll(0))
-
-
-async def wait_readable(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float
-) -> None:
-    """Wait until ``sock`` is readable or raise TimeoutError at ``deadline``."""
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    def expired() -> None:
-        if not waiter.done():
-            waiter.set_exception(TimeoutError("ClientHello not received in time"))
-
-    fd = sock.fileno()
-    loop.add_reader(fd, ready)
-    timer = loop.call_at(deadline, expired)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        loop.remove_reader(fd)
-
-
 def alert_record(description: int) -> bytes:
     """A plaintext fatal alert record (RFC 8446 6), TLS 1.2 record version."""
     return bytes((0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description))
-
-
-def refuse(sock: socket.socket, alert: int) -> None:
-    """Send a fatal alert on a raw socket and close it cleanly.
-
-    The peeked bytes are consumed first: closing a socket with unread data
-    makes the kernel send a reset, which can reach the client before the
-    alert is read and hide it.
-    """
-    try:
-        for _ in range(REFUSE_DRAIN_READS):
-            if not sock.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_DONTWAIT):
-                break
-    except OSError:
-        pass
-    try:
-        sock.send(alert_record(alert), socket.MSG_DONTWAIT)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    sock.close()
 
 
 class PlainListener:

@@ -175,7 +175,7 @@ def serving(
         handshake_timeout_s=handshake_timeout_s,
         stats=stats,
     )
-    plane.call(listener.start)
+    plane.run(listener.start())
     root_pem = tmp_path / "root.pem"
     root_pem.write_bytes(default_ca().root_pem)
     try:
