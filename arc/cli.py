@@ -42,6 +42,13 @@ def parser() -> argparse.ArgumentParser:
         help='processes sharing every port: a number or "auto" (one per CPU); '
         "see arc/workers.py (default 1: no parent process)",
     )
+    run.add_argument(
+        "--cpu-affinity",
+        choices=("none", "auto"),
+        default="none",
+        help='with workers, "auto" pins worker I to the I-th CPU this process '
+        'may use (wrapping around); "none" (default) lets the kernel move them',
+    )
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("--config", type=Path, default=None)
     return top

@@ -45,7 +45,7 @@ def start(args: argparse.Namespace) -> int:
     if count > 1 and workers.worker_index() is None:
         child = ["run", "--log-format", args.log_format, "--log-level", args.log_level]
         child += ["--config", str(config.path)] if config.path else []
-        return workers.run_workers(count, child)
+        return workers.run_workers(count, child, pin=args.cpu_affinity == "auto")
     return run(config)
 
 

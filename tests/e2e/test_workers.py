@@ -34,12 +34,16 @@ ACCESS_RE = re.compile(r"access .*host=(?P<host>\S+) .* worker=(?P<worker>\d+)$"
 class Workers:
     """A running ``--workers 2`` parent with its ports."""
 
-    def __init__(self, folder: Path, store: str = "sqlite") -> None:
+    def __init__(
+        self, folder: Path, store: str = "sqlite", extra: tuple[str, ...] = ()
+    ) -> None:
         text, self.ports = node_config(
             folder, store=store, master_key=None, hosts=["*.workers.test"]
         )
         self.folder = folder
-        self.process = ArcologyProcess(folder, text, extra_args=("--workers", "2"))
+        self.process = ArcologyProcess(
+            folder, text, extra_args=("--workers", "2", *extra)
+        )
 
     def start(self) -> Workers:
         self.process.start()
@@ -174,3 +178,49 @@ def test_a_dead_worker_is_replaced_a_hangup_reloads_all_and_stopping_stops_all(
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "stopped workers count=2" in workers.process.log()
+
+
+def allowed_cpus(pid: int) -> set[int]:
+    """The CPUs each thread of ``pid`` may run on, united."""
+    cpus: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        cpus |= os.sched_getaffinity(int(task.name))
+    return cpus
+
+
+def test_cpu_affinity_auto_pins_each_worker_and_its_threads_to_one_cpu(
+    tmp_path: Path,
+) -> None:
+    available = sorted(os.sched_getaffinity(0))
+    running = Workers(tmp_path, extra=("--cpu-affinity", "auto")).start()
+    try:
+        pids = running.worker_pids()
+        pinned = {index: allowed_cpus(pid) for index, pid in pids.items()}
+
+        # A replaced worker is pinned like the one before it.
+        os.kill(pids[1], signal.SIGKILL)
+        running.process.wait_until(
+            lambda line: (
+                "running actors=" in line
+                and line.endswith("worker=1")
+                and f"pid={pids[1]}" not in line
+            ),
+            30,
+            "a new worker 1 running",
+        )
+        replaced = allowed_cpus(running.worker_pids()[1])
+    finally:
+        assert running.process.stop(signal.SIGTERM) == 0
+
+    assert pinned[0] == {available[0]}
+    assert pinned[1] == {available[1 % len(available)]}
+    assert replaced == pinned[1]
+    assert "cpu_affinity=auto" in running.process.log()
+
+
+def test_without_cpu_affinity_workers_may_run_on_every_cpu(workers: Workers) -> None:
+    available = os.sched_getaffinity(0)
+
+    cpus = [allowed_cpus(pid) for pid in workers.worker_pids().values()]
+
+    assert cpus == [available, available]
