@@ -28,6 +28,11 @@ Verbs (payloads are msgpack maps; datetimes are ISO 8601 UTC strings):
   runs at start and then once a day, sent by a ticker thread that stops in
   ``on_stop``.
 
+- ``pruneChanges {}`` -> ``{pruned}``: deletes the store's change records
+  older than ``CHANGES_KEPT_DAYS`` (the newest always stays). The ticker
+  sends it once a day. A process that was away for longer catches up by
+  treating every domain as changed (see ``arc.changefeed``).
+
 Changes made by other processes and other nodes are heard by the change feed
 (``arc.changefeed``, started in ``on_start``): it announces them like local
 changes within a second, on SQLite and PostgreSQL, and keeps following the
@@ -62,6 +67,9 @@ from arc.store import Store, lookup, open_store
 
 CHANGED = "Cryptosaur.certificateChanged"
 EXPIRY_CHECK_INTERVAL_S = 86_400.0
+# How long change records are kept: a node or worker away for longer than
+# this catches up by dropping every cached context instead of replaying.
+CHANGES_KEPT_DAYS = 7
 # A store where thousands expire at once gets this many WARNING lines and a
 # count, not thousands of lines.
 MAX_EXPIRY_LINES = 50
@@ -122,6 +130,7 @@ class Cryptosaur(Actor):
         # by the actor's thread alone.
         while not self._stopping.wait(EXPIRY_CHECK_INTERVAL_S):
             self._tell_self("checkExpiry")
+            self._tell_self("pruneChanges")
 
     def _tell_self(self, action: str) -> None:
         try:
@@ -300,6 +309,20 @@ class Cryptosaur(Actor):
                 s=MAX_EXPIRY_LINES,
             )
         return found
+
+    @verb("pruneChanges")
+    def prune_changes(self, payload: Any) -> Any:
+        """Delete change records older than ``CHANGES_KEPT_DAYS``."""
+        _fields(payload, "pruneChanges", set())
+        before = dt.datetime.now(dt.UTC) - dt.timedelta(days=CHANGES_KEPT_DAYS)
+        pruned = self._store().prune_changes(before)
+        if pruned:
+            self.log.info(
+                "change records pruned count={n} older_than_days={d}",
+                n=pruned,
+                d=CHANGES_KEPT_DAYS,
+            )
+        return {"pruned": pruned}
 
 
 def _fields(payload: Any, verb_name: str, allowed: set[str]) -> dict[str, Any]:

@@ -33,7 +33,9 @@ again the feed logs one INFO line and catches up from ``last_seq``: every
 change made during the outage is announced, in order. A database whose last
 sequence number is *below* ``last_seq`` was replaced (restored from a
 backup, or a new one); then no sequence number can be trusted and every
-stored domain is announced.
+stored domain is announced. The same happens when changes after
+``last_seq`` were pruned before the feed read them (the store keeps a week
+of changes; see ``Cryptosaur.pruneChanges``).
 
 Restarts. A feed keeps its position per owner (Cryptosaur passes its
 runtime), so when Cryptosaur crashes and is restarted, the new feed resumes
@@ -211,7 +213,7 @@ class ChangeFeed:
                 if self.last_seq is None:
                     self.last_seq = backend.current_seq()
                 else:
-                    self._check_not_replaced(backend)
+                    self._check_position(backend)
                 self._remember()
             except BaseException:
                 backend.close()
@@ -219,15 +221,26 @@ class ChangeFeed:
             self._backend = backend
         return self._backend
 
-    def _check_not_replaced(self, backend: Backend) -> None:
-        # A database behind the feed's own position is not the one it read.
+    def _check_position(self, backend: Backend) -> None:
+        # The changes after the feed's position must all still be there: not
+        # when the database is not the one it read (restored from a backup,
+        # or a new one: its sequence is behind the position), nor when
+        # changes it never read were pruned meanwhile (a process away for
+        # longer than the store keeps them). Then every domain is announced.
         current = backend.current_seq()
-        if self.last_seq is None or current >= self.last_seq:
+        if self.last_seq is None:
+            return
+        if current < self.last_seq:
+            why = "start over (restored or replaced)"
+        elif backend.pruned_through() > self.last_seq:
+            why = "were pruned before they were read"
+        else:
             return
         domains = [row["domain"] for row in backend.list()]
         log.warning(
-            "certificate store changes start over (restored or replaced); "
-            "announcing every domain store={w} seq={s} last_seq={l} domains={n}",
+            "certificate store changes {why}; announcing every domain "
+            "store={w} seq={s} last_seq={l} domains={n}",
+            why=why,
             w=self.where,
             s=current,
             l=self.last_seq,

@@ -135,6 +135,18 @@ class Backend(Protocol):
         """The sequence number of the last change (0 for none)."""
         ...
 
+    def prune_changes(self, before: dt.datetime) -> int:
+        """Delete changes made before ``before``, never the newest; the count.
+
+        The highest sequence number deleted is kept (``pruned_through``), so
+        a reader whose position is below it knows it missed changes.
+        """
+        ...
+
+    def pruned_through(self) -> int:
+        """The highest sequence number ever pruned (0 for none)."""
+        ...
+
     def get_meta(self, name: str) -> bytes | None:
         """A value the store keeps about itself (the master key check)."""
         ...
@@ -185,6 +197,18 @@ class Store(Protocol):
 
     def current_seq(self) -> int:
         """The sequence number of the last change (0 for none)."""
+        ...
+
+    def prune_changes(self, before: dt.datetime) -> int:
+        """Delete changes made before ``before``, never the newest; the count.
+
+        The highest sequence number deleted is kept (``pruned_through``), so
+        a reader whose position is below it knows it missed changes.
+        """
+        ...
+
+    def pruned_through(self) -> int:
+        """The highest sequence number ever pruned (0 for none)."""
         ...
 
     def close(self) -> None:

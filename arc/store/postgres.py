@@ -34,8 +34,9 @@ password) until a new connection succeeds; connecting again is tried at most
 every ``RECONNECT_PAUSE_S`` so a caller in a loop cannot hammer a dead host.
 Nothing is cached here: serving from memory during an outage is Esper's job.
 
-LIMITATION: the changes table is never pruned (about 60 bytes a written
-domain), as in the SQLite backend.
+The changes table is pruned as in the SQLite backend (``prune_changes``,
+the newest row kept, the highest pruned number in ``arc_meta``); several
+nodes pruning at once delete the same rows under the write lock.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ from arc.store.base import (
 T = TypeVar("T")
 
 NOTIFY_CHANNEL = "arcology_changes"
+# The meta entry holding the highest change sequence number pruned.
+PRUNED_THROUGH = "changes_pruned_through"
 # Advisory lock keys (any two distinct 64-bit numbers; these spell "ARCSCHEM"
 # and "ARCWRITE" in ASCII, so they are recognisable in pg_locks).
 SCHEMA_LOCK = 0x4152435343484D
@@ -331,6 +334,11 @@ class PostgresBackend:
 
         return self._run(work)
 
+    def pruned_through(self) -> int:
+        """The highest sequence number ever pruned (0 for none)."""
+        value = self.get_meta(PRUNED_THROUGH)
+        return int(value) if value else 0
+
     def get_meta(self, name: str) -> bytes | None:
         """A value the store keeps about itself."""
 
@@ -356,6 +364,33 @@ class PostgresBackend:
                 )
 
         self._run(work)
+
+    def prune_changes(self, before: dt.datetime) -> int:
+        """Delete changes made before ``before``, never the newest; the count."""
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            with _write_transaction(conn):
+                row = conn.execute(
+                    "SELECT MAX(seq) FROM arc_changes WHERE changed_at < %s "
+                    "AND seq < (SELECT MAX(seq) FROM arc_changes)",
+                    (before,),
+                ).fetchone()
+                through = row[0] if row else None
+                if through is None:
+                    return 0
+                deleted = conn.execute(
+                    "DELETE FROM arc_changes WHERE seq <= %s", (through,)
+                )
+                conn.execute(
+                    "INSERT INTO arc_meta (name, value) VALUES (%s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value "
+                    "WHERE convert_from(arc_meta.value, 'UTF8')::bigint "
+                    "< convert_from(excluded.value, 'UTF8')::bigint",
+                    (PRUNED_THROUGH, str(int(through)).encode("ascii")),
+                )
+                return int(deleted.rowcount)
+
+        return self._run(work)
 
     def put(self, record: CertificateRecord, domains: Domains) -> tuple[int, Domains]:
         """Point ``domains`` at ``record`` in one transaction."""

@@ -117,6 +117,14 @@ class SealedStore:
         """The sequence number of the last change (0 for none)."""
         return self.backend.current_seq()
 
+    def prune_changes(self, before: dt.datetime) -> int:
+        """Delete changes made before ``before``, never the newest; the count."""
+        return self.backend.prune_changes(before)
+
+    def pruned_through(self) -> int:
+        """The highest sequence number ever pruned (0 for none)."""
+        return self.backend.pruned_through()
+
     def close(self) -> None:
         """Close the backend."""
         self.backend.close()

@@ -20,8 +20,10 @@ guessed at.
 Files are created mode 0600 (SQLite gives the ``-wal`` and ``-shm`` files the
 database file's mode) in a data directory of mode 0700.
 
-LIMITATION: the changes table is never pruned; each written domain adds
-about 60 bytes. A million uploads cost some 60 MB before this matters.
+The changes table is pruned by ``prune_changes`` (Cryptosaur calls it daily
+with ``CHANGES_KEPT_DAYS``); the newest row always stays, so the sequence
+never appears to start over, and the highest pruned number is kept in
+``meta`` (``PRUNED_THROUGH``) for readers that fell behind it.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["CREATE INDEX certificates_by_not_after ON certificates (not_after)"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+# The meta entry holding the highest change sequence number pruned.
+PRUNED_THROUGH = "changes_pruned_through"
 
 
 def _text(moment: dt.datetime) -> str:
@@ -245,6 +249,11 @@ class SqliteBackend:
             row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
         return int(row[0] or 0)
 
+    def pruned_through(self) -> int:
+        """The highest sequence number ever pruned (0 for none)."""
+        value = self.get_meta(PRUNED_THROUGH)
+        return int(value) if value else 0
+
     def get_meta(self, name: str) -> bytes | None:
         """A value the store keeps about itself."""
         with self._lock:
@@ -263,6 +272,27 @@ class SqliteBackend:
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 (name, value),
             )
+
+    def prune_changes(self, before: dt.datetime) -> int:
+        """Delete changes made before ``before``, never the newest; the count."""
+        with self._lock, self._transaction():
+            db = self._db
+            row = db.execute(
+                "SELECT MAX(seq) FROM changes WHERE changed_at < ? "
+                "AND seq < (SELECT MAX(seq) FROM changes)",
+                (_text(before),),
+            ).fetchone()
+            through = row[0]
+            if through is None:
+                return 0
+            deleted = db.execute("DELETE FROM changes WHERE seq <= ?", (through,))
+            db.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value "
+                "WHERE CAST(meta.value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                (PRUNED_THROUGH, str(int(through)).encode("ascii")),
+            )
+            return int(deleted.rowcount)
 
     def put(self, record: CertificateRecord, domains: Domains) -> tuple[int, Domains]:
         """Point ``domains`` at ``record`` in one transaction."""

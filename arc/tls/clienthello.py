@@ -7,8 +7,8 @@ RFC 5246 7.4.1.2) carried in one or more TLS records of content type 22
 (handshake). Browsers send about 1.8 KB, which usually fits one record but may
 arrive in two TCP segments; a ClientHello may also be split over several
 records (RFC 8446 5.1 allows fragmenting a handshake message). The accept path
-peeks at the socket without consuming anything and calls
-:func:`parse_client_hello` on whatever has arrived so far:
+calls :func:`parse_client_hello` on whatever the connection has sent so far
+(and keeps those bytes for the handshake):
 
 - when the bytes end before the ClientHello does, the answer has
   ``complete=False`` and ``wanted`` names how many bytes from the start of the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import sqlite3
 import ssl
 import threading
 import time
@@ -18,12 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from actors.cryptosaur import CHANGED, Cryptosaur
+from actors.cryptosaur import CHANGED, CHANGES_KEPT_DAYS, Cryptosaur
 from arc.bundle import parse_bundle
 from arc.config import Config
 from arc.errors import BadInput, NotFound
 from arc.runtime import Runtime
 from arc.store import open_store
+from arc.store.sqlite import FILE_NAME
 from arc.testing import running
 from tests.certs import Chain, make_chain
 
@@ -451,3 +453,38 @@ def test_random_and_damaged_uploads_never_crash_and_never_change_the_store(
             # Damage in the text around the blocks leaves a good bundle.
             assert ask(rt, "getCertificate", {"domain": "shop.example.com"})
         assert rt.status()["actors"][0]["restarts"] == 0
+
+
+# -- pruneChanges -------------------------------------------------------------------
+
+
+def test_prune_changes_deletes_records_older_than_a_week_only(
+    runtime: Runtime, config: Config
+) -> None:
+    for name in ("old.example", "older.example", "new.example"):
+        ask(runtime, "setCertificate", {"bundle": make_chain(name).bundle()})
+    # The first two changes were made long ago.
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=CHANGES_KEPT_DAYS + 1)
+    with sqlite3.connect(config.arcology.data_dir / FILE_NAME) as db:
+        db.execute(
+            "UPDATE changes SET changed_at = ? WHERE seq <= 2", (long_ago.isoformat(),)
+        )
+
+    answer = ask(runtime, "pruneChanges", {})
+
+    assert answer == {"pruned": 2}
+    store = open_store(config.arcology)
+    try:
+        assert store.changes_since(0) == [(3, "new.example")]
+        assert [row["domain"] for row in store.list()] == [
+            "new.example",
+            "old.example",
+            "older.example",
+        ]
+    finally:
+        store.close()
+
+
+def test_prune_changes_refuses_fields(runtime: Runtime) -> None:
+    with pytest.raises(BadInput, match="pruneChanges: unknown field"):
+        ask(runtime, "pruneChanges", {"days": 1})

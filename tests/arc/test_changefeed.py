@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -166,6 +167,30 @@ def test_a_replaced_database_announces_every_domain(tmp_path: Path) -> None:
     finally:
         feed.stop()
         store.close()
+
+
+def test_changes_pruned_before_a_feed_read_them_announce_every_domain(
+    tmp_path: Path, log_lines: list[str]
+) -> None:
+    settings = settings_for(tmp_path)
+    store = open_store(settings)
+    position = store.current_seq()
+    store.put(parse_bundle(make_chain("first.example.com").bundle()))
+    store.put(parse_bundle(make_chain("second.example.com").bundle()))
+    # Long after, the store prunes the first change, which this feed (away
+    # since ``position``) never read; the second, the newest, stays.
+    assert store.prune_changes(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)) == 1
+    heard = Heard()
+
+    feed = running_feed(settings, heard, position)
+    try:
+        heard.wait_for("first.example.com", HEARD_WITHIN_S)
+        heard.wait_for("second.example.com", HEARD_WITHIN_S)
+        assert feed.last_seq == store.current_seq()
+    finally:
+        feed.stop()
+        store.close()
+    assert any("were pruned before they were read" in line for line in log_lines)
 
 
 def test_a_feed_started_again_for_the_same_owner_announces_what_came_between(

@@ -168,6 +168,39 @@ def test_list_gives_one_summary_per_domain_sorted_without_keys(store: Store) -> 
     assert not any("key" in name and name != "key_type" for name in rows[0])
 
 
+def test_pruning_keeps_the_newest_change_and_remembers_how_far_it_went(
+    store: Store,
+) -> None:
+    start = store.current_seq()
+    store.put(bundle_of(make_chain("a.example", "b.example")))
+    store.put(bundle_of(make_chain("c.example")))
+    written = store.changes_since(start)
+    newest = store.current_seq()
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+
+    pruned = store.prune_changes(later)
+    again = store.prune_changes(later)
+
+    assert pruned >= 2  # a shared database may hold older changes too
+    assert again == 0
+    assert store.changes_since(0) == [(newest, "c.example")]
+    assert store.current_seq() == newest
+    assert store.pruned_through() == written[-2][0]
+    assert lookup(store, "a.example") is not None  # certificates stay
+
+
+def test_pruning_leaves_changes_newer_than_the_cut(store: Store) -> None:
+    start = store.current_seq()
+    store.put(bundle_of(make_chain("a.example", "b.example")))
+    through = store.pruned_through()
+
+    pruned = store.prune_changes(dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+
+    assert pruned == 0
+    assert [d for _s, d in store.changes_since(start)] == ["a.example", "b.example"]
+    assert store.pruned_through() == through
+
+
 def test_changes_have_increasing_sequence_numbers(store: Store) -> None:
     assert store.current_seq() == 0
     store.put(bundle_of(make_chain("a.example", "b.example")))
