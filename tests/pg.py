@@ -16,6 +16,11 @@ Fixtures (import them into a test module with ``from tests.pg import ...``):
 - ``own_postgres`` (function): a server of the test's own, for tests that
   stop and restart it.
 
+``ThrowawayPostgres(tls=ca)`` serves TLS with a certificate for 127.0.0.1
+issued by the ``trustme`` CA ``ca``, and its ``pg_hba.conf`` accepts TCP
+clients over TLS only (``hostssl``), so a test can tell that a connection
+really was encrypted.
+
 Where the binaries are missing the tests are skipped with the reason, except
 in CI (``CI=true``), where a missing PostgreSQL fails them: a green run must
 mean the PostgreSQL backend was exercised.
@@ -33,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.e2e.server import free_port
 
@@ -66,15 +72,36 @@ def require_postgres() -> None:
 class ThrowawayPostgres:
     """One PostgreSQL server in a temporary folder, owned by the test run."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: trustme.CA | None = None) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="arc-pg-"))
         self.data = self.folder / "data"
         self.log_file = self.folder / "server.log"
         self.port = 0
+        self.tls = tls is not None
         self.as_postgres = os.geteuid() == 0
         if self.as_postgres:
             shutil.chown(self.folder, user="postgres")
         self._run("initdb", "-A", "trust", "-U", "postgres", "-E", "UTF8")
+        if tls is not None:
+            self._serve_tls(tls)
+
+    def _serve_tls(self, ca: trustme.CA) -> None:
+        # The server reads its key only if no one else may (mode 0600, owned
+        # by the user it runs as); TCP clients must come over TLS.
+        issued = ca.issue_cert("127.0.0.1", "localhost")
+        files = {
+            "server.crt": b"".join(blob.bytes() for blob in issued.cert_chain_pems),
+            "server.key": issued.private_key_pem.bytes(),
+        }
+        for name, data in files.items():
+            path = self.data / name
+            path.write_bytes(data)
+            path.chmod(0o600)
+            if self.as_postgres:
+                shutil.chown(path, user="postgres")
+        (self.data / "pg_hba.conf").write_text(
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n"
+        )
 
     @property
     def url(self) -> str:
@@ -115,7 +142,7 @@ class ThrowawayPostgres:
             options = (
                 f"-p {port} -k {self.folder} -c listen_addresses=127.0.0.1 "
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=200"
+                "-c max_connections=200" + (" -c ssl=on" if self.tls else "")
             )
             try:
                 self._run(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import trustme
 
 from arc.bundle import parse_bundle
 from arc.config import Config, Settings
@@ -26,7 +27,13 @@ from arc.store import Store, lookup, open_store
 from arc.store.postgres import SCHEMA_VERSION, PostgresBackend
 from tests.arc.store import test_sqlite as sqlite_tests
 from tests.certs import make_chain
-from tests.pg import ThrowawayPostgres, own_postgres, pg_url, postgres_server
+from tests.pg import (
+    ThrowawayPostgres,
+    own_postgres,
+    pg_url,
+    postgres_server,
+    require_postgres,
+)
 
 __all__ = ["own_postgres", "pg_url", "postgres_server"]
 
@@ -310,3 +317,40 @@ def test_a_stopped_database_is_busy_and_the_backend_reconnects_after(
             threading.Event().wait(0.1)
     assert got is not None
     store.close()
+
+
+# -- TLS to the database --------------------------------------------------------------
+
+
+def test_the_store_works_over_tls_and_a_plain_connection_is_refused(
+    tmp_path: Path,
+) -> None:
+    require_postgres()
+    ca = trustme.CA()
+    root = tmp_path / "db-ca.pem"
+    ca.cert_pem.write_to_path(str(root))
+    server = ThrowawayPostgres(tls=ca)
+    try:
+        server.start()
+        url = server.create_database()
+        verified = f"{url}?sslmode=verify-full&sslrootcert={root}"
+        chain = make_chain("tls.example.com")
+
+        store = open_store(settings_for(tmp_path, verified))
+        try:
+            store.put(parse_bundle(chain.bundle()))
+            found = lookup(store, "tls.example.com")
+        finally:
+            store.close()
+        with psycopg.connect(verified) as conn:
+            row = conn.execute(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+        with pytest.raises(Busy) as refused:
+            open_store(settings_for(tmp_path / "plain", f"{url}?sslmode=disable"))
+    finally:
+        server.destroy()
+
+    assert found is not None and found.fingerprint == chain.fingerprint
+    assert row == (True,)
+    assert "no encryption" in refused.value.message
