@@ -71,7 +71,12 @@ NAME_TYPE_HOST_NAME = 0
 # so the bound is about 5 MB.
 MAX_REMEMBERED_NAMES = 16384
 _NAMES: dict[bytes, str] = {}
+# ALPN offers already read, by their bytes; only valid ones are kept.
+MAX_REMEMBERED_OFFERS = 256
+_OFFERS: dict[bytes, tuple[str, ...]] = {}
 _TWO_U16 = struct.Struct("!HH").unpack_from
+# The extensions read; the others are skipped.
+_READ_EXTENSIONS = frozenset((EXTENSION_SERVER_NAME, EXTENSION_ALPN))
 # Alert descriptions (RFC 8446 6.2).
 ALERT_DECODE_ERROR = 50
 ALERT_UNRECOGNIZED_NAME = 112
@@ -91,7 +96,7 @@ class ClientHelloError(BadInput):
         self.alert = ALERT_DECODE_ERROR if alert is None else alert
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientHello:
     """What the accept path needs from a ClientHello.
 
@@ -272,29 +277,40 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
         )
 
     # RFC 8446 4.2 forbids two extensions of one type. OpenSSL refuses such
-    # a hello during the handshake; here only the two read are checked.
+    # a hello during the handshake; here only the two read are checked. The
+    # loop is the hot spot of the accept path (a dozen extensions on every
+    # connection), so it does the least per extension: the bounds are
+    # checked once, after it, except for the two extensions it reads.
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
     seen_name = seen_alpn = False
-    while pos < end:
-        if pos + 4 > end:
-            raise _truncated(what, "extension header", 4, pos, end)
-        kind, length = _TWO_U16(body, pos)
-        pos += 4
-        stop = pos + length
-        if stop > end:
-            raise _truncated(what, f"extension {kind}", length, pos, end)
-        if kind == EXTENSION_SERVER_NAME:
-            if seen_name:
-                raise ClientHelloError(f"ClientHello: extension {kind} appears twice")
-            seen_name = True
-            server_name = _parse_server_name(body[pos:stop])
-        elif kind == EXTENSION_ALPN:
-            if seen_alpn:
-                raise ClientHelloError(f"ClientHello: extension {kind} appears twice")
-            seen_alpn = True
-            alpn = _parse_alpn(body[pos:stop])
-        pos = stop
+    kind = length = 0
+    try:
+        while pos < end:
+            kind, length = _TWO_U16(body, pos)
+            pos += 4 + length
+            if kind in _READ_EXTENSIONS:
+                if pos > end:
+                    break
+                if kind == EXTENSION_SERVER_NAME:
+                    if seen_name:
+                        raise ClientHelloError(
+                            f"ClientHello: extension {kind} appears twice"
+                        )
+                    seen_name = True
+                    server_name = _parse_server_name(body[pos - length : pos])
+                else:
+                    if seen_alpn:
+                        raise ClientHelloError(
+                            f"ClientHello: extension {kind} appears twice"
+                        )
+                    seen_alpn = True
+                    alpn = _parse_alpn(body[pos - length : pos])
+    except struct.error:
+        raise _truncated(what, "extension header", 4, pos, end) from None
+    if pos > end:
+        start = pos - length
+        raise _truncated(what, f"extension {kind}", length, start, end)
     return server_name, alpn
 
 
@@ -304,8 +320,16 @@ def _parse_server_name(data: bytes) -> str | None:
     # one, but treating it as 'no name' costs nothing.
     if not data:
         return None
-    what = "server_name extension"
     size = len(data)
+    # The usual list: one host_name entry that fills it.
+    if (
+        size > 5
+        and data[2] == NAME_TYPE_HOST_NAME
+        and ((data[0] << 8) | data[1]) == size - 2
+        and ((data[3] << 8) | data[4]) == size - 5
+    ):
+        return _normalised(data[5:])
+    what = "server_name extension"
     if size < 2:
         raise _truncated(what, "server_name_list length", 2, 0, size)
     end = 2 + ((data[0] << 8) | data[1])
@@ -334,6 +358,11 @@ def _parse_server_name(data: bytes) -> str | None:
         pos = stop
     if host_name is None:
         return None
+    return _normalised(host_name)
+
+
+def _normalised(host_name: bytes) -> str:
+    """``normalise_server_name``, remembered per spelling."""
     name = _NAMES.get(host_name)
     if name is None:
         name = normalise_server_name(host_name)
@@ -367,7 +396,21 @@ def normalise_server_name(raw: bytes) -> str:
 
 
 def _parse_alpn(data: bytes) -> tuple[str, ...]:
-    """Read the protocol list of an ALPN extension (RFC 7301 3.1)."""
+    """Read the protocol list of an ALPN extension (RFC 7301 3.1).
+
+    Clients of one kind send the same offer every time: answers are
+    remembered per offer (the memo's bound is ``MAX_REMEMBERED_OFFERS``).
+    """
+    offer = _OFFERS.get(data)
+    if offer is None:
+        offer = _read_alpn(data)
+        if len(_OFFERS) >= MAX_REMEMBERED_OFFERS:
+            _OFFERS.clear()
+        _OFFERS[data] = offer
+    return offer
+
+
+def _read_alpn(data: bytes) -> tuple[str, ...]:
     what = "ALPN extension"
     size = len(data)
     if size < 2:
