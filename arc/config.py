@@ -55,6 +55,7 @@ class Settings:
     access_log: bool = True
     max_body_bytes: int = 10 * 1024 * 1024
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     local_ca: bool = False
 
 
@@ -193,6 +194,7 @@ class _Parser:
         "access_log",
         "max_body_bytes",
         "header_timeout_s",
+        "body_timeout_s",
         "local_ca",
     }
     SERVICE_FIELDS = {"name", "hosts", "port", "tls", "tlsPort", "root", "app"}
@@ -293,6 +295,7 @@ class _Parser:
             ("expiry_warning_days", True, 0),
             ("max_body_bytes", True, 0),
             ("header_timeout_s", False, 0.1),
+            ("body_timeout_s", False, 0.1),
         ):
             if name in raw:
                 values[name] = self.number(

@@ -30,8 +30,10 @@ Limits (the peer broke HTTP: answer, then close):
 (413, seen from Content-Length before any byte of it, or while a chunked body
 streams), malformed framing (400), no complete headers within
 ``header_timeout_s`` of the request's first byte or of the connection's start
-(408). A keep-alive connection idle for ``KEEP_ALIVE_IDLE_S`` between requests
-is closed without an answer.
+(408), and a request body whose next bytes take longer than
+``body_timeout_s`` to come (408 if nothing was answered yet; the application
+hears that the client is gone). A keep-alive connection idle for
+``KEEP_ALIVE_IDLE_S`` between requests is closed without an answer.
 
 Timers: one timer per connection at most, re-armed lazily. Each request only
 moves ``_deadline``; when the timer fires it compares the clock with the
@@ -48,7 +50,7 @@ does not read its answers gets no more of its requests read); a streaming
 response waits for the transport to drain.
 
 What it does not do yet: no WebSocket and no HTTP/2 (see the LIMITATION
-marks); an upload that stalls mid-body has no timeout of its own.
+marks).
 """
 
 from __future__ import annotations
@@ -82,8 +84,10 @@ KEEP_ALIVE_IDLE_S = 5.0
 # Request body waiting for the application before reading pauses.
 BODY_HIGH_WATER_BYTES = 256 * 1024
 
-# Idle states of the connection, for the one timer.
-_BUSY, _IDLE, _HEADERS = 0, 1, 2
+# What the connection waits for, for the one timer: nothing the client owes
+# (an answer is being made), the next request, the rest of a request head,
+# the rest of a request body.
+_BUSY, _IDLE, _HEADERS, _BODY = 0, 1, 2, 3
 
 log = logger.bind(actor="hyperion")
 
@@ -142,6 +146,7 @@ class HttpProtocol(asyncio.Protocol):
         self.tls_domain = tls_domain.lower() if tls_domain else None
         self.max_body = settings.max_body_bytes
         self.header_timeout = settings.header_timeout_s
+        self.body_timeout = settings.body_timeout_s
         self.hsts = _hsts_line(settings.hsts) if self.is_tls else b""
         self.access_log = settings.access_log
         # The parser holds this protocol (its callbacks): a cycle, broken in
@@ -304,7 +309,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         """Make the exchange; answer it now or queue it behind the active one."""
-        self._waiting = _BUSY
+        # Until on_message_complete, the client owes the body (if any): its
+        # next bytes must come within the body timeout.
+        self._waiting = _BODY
+        self._deadline = self.loop.time() + self.body_timeout
+        if self._timer is None:
+            self._arm_timer()
         if self._stop_parsing:
             return
         parser = self.parser
@@ -387,6 +397,7 @@ class HttpProtocol(asyncio.Protocol):
         ex = self._parsing
         if ex is None:
             return
+        self._deadline = self.loop.time() + self.body_timeout
         ex.body_size += len(body)
         if ex.body_size > self.max_body:
             self._body_error(ex, 413)
@@ -401,6 +412,7 @@ class HttpProtocol(asyncio.Protocol):
         """The body ended; between requests, the idle clock runs."""
         ex = self._parsing
         self._parsing = None
+        self._waiting = _BUSY
         if ex is not None:
             ex.end_body()
             if not ex.keep_alive:
@@ -651,6 +663,9 @@ class HttpProtocol(asyncio.Protocol):
         if parsing is not None and parsing.body_buffered > BODY_HIGH_WATER_BYTES:
             return
         self._reading_paused = False
+        if self._waiting == _BODY:
+            # The body clock starts afresh: the pause was Arcology's doing.
+            self._deadline = self.loop.time() + self.body_timeout
         if self.transport is not None:
             self.transport.resume_reading()
 
@@ -718,6 +733,19 @@ class HttpProtocol(asyncio.Protocol):
         if self._waiting == _IDLE:
             log.debug("keep-alive connection idle, closing client={}", self.client)
             self._close()
+            return
+        if self._waiting == _BODY:
+            if self._reading_paused:
+                # Arcology stopped reading (flow control), not the client.
+                self._deadline = now + self.body_timeout
+                self._arm_timer()
+                return
+            log.debug("request body stalled client={}", self.client)
+            ex = self._parsing
+            if ex is None:
+                self._close()
+            else:
+                self._body_error(ex, 408)
             return
         if self._active is not None or self._queue:
             # Headers of a pipelined request are late behind a slow answer.

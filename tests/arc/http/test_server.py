@@ -81,7 +81,7 @@ def www(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def plane(tmp_path: Path) -> Iterator[Plane]:
-    p = Plane(tmp_path, header_timeout_s=0.5, max_body_bytes=1000)
+    p = Plane(tmp_path, header_timeout_s=0.5, body_timeout_s=0.5, max_body_bytes=1000)
     yield p
     p.close()
 
@@ -352,6 +352,48 @@ def test_a_slow_client_gets_408_then_the_connection_closes(
 
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert 0.4 < time.monotonic() - started < 3.0
+
+
+def test_a_stalled_request_body_gets_408_and_the_app_hears_the_client_left(
+    plane: Plane, www: Path, errors: list[str]
+) -> None:
+    plain, _ = shared(plane, www)
+    started = time.monotonic()
+
+    answer = raw_exchange(
+        plain,
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 100\r\n\r\n"
+        b"only ten b",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in answer.lower()
+    assert 0.4 < time.monotonic() - started < 3.0
+    time.sleep(0.2)  # the application's task ends after the answer
+    assert errors == []
+
+
+def test_a_slow_but_steady_body_is_read_whole(plane: Plane, www: Path) -> None:
+    plain, _ = shared(plane, www)
+    sock = socket.create_connection(("127.0.0.1", plain), timeout=5)
+    sock.sendall(
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    # Each piece comes within the body timeout (0.5 s); all of them take
+    # well over it.
+    for piece in (b"one ", b"two ", b"three ", b"four"):
+        time.sleep(0.3)
+        sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+    sock.sendall(b"0\r\n\r\n")
+
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b"one two three four")
 
 
 def test_a_silent_connection_gets_408(plane: Plane, www: Path) -> None:
