@@ -375,22 +375,10 @@ def test_a_stalled_request_body_gets_408_and_the_app_hears_the_client_left(
 
 def test_a_slow_but_steady_body_is_read_whole(plane: Plane, www: Path) -> None:
     plain, _ = shared(plane, www)
-    sock = socket.create_connection(("127.0.0.1", plain), timeout=5)
-    sock.sendall(
-        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n"
-        b"Connection: close\r\n\r\n"
-    )
+
     # Each piece comes within the body timeout (0.5 s); all of them take
     # well over it.
-    for piece in (b"one ", b"two ", b"three ", b"four"):
-        time.sleep(0.3)
-        sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-    sock.sendall(b"0\r\n\r\n")
-
-    answer = b""
-    while chunk := sock.recv(65536):
-        answer += chunk
-    sock.close()
+    answer = post_chunked(plain, [b"one ", b"two ", b"three ", b"four"], gap_s=0.3)
 
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"one two three four")
@@ -470,22 +458,35 @@ def test_pipelined_static_and_app_requests_share_one_connection(
 
 def test_a_chunked_request_body_streams_to_the_app(plane: Plane, www: Path) -> None:
     plain, _ = shared(plane, www)
-    sock = socket.create_connection(("127.0.0.1", plain), timeout=5)
-    sock.sendall(
-        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n"
-        b"Connection: close\r\n\r\n5\r\nhello\r\n"
-    )
-    time.sleep(0.1)
-    sock.sendall(b"6\r\n world\r\n0\r\n\r\n")
 
-    answer = b""
-    while chunk := sock.recv(65536):
-        answer += chunk
-    sock.close()
+    answer = post_chunked(plain, [b"hello", b" world"], gap_s=0.1)
 
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"hello world")
     assert b"x-pieces: 2" in answer
+
+
+def post_chunked(port: int, pieces: list[bytes], gap_s: float) -> bytes:
+    """POST ``pieces`` as a chunked body to the echo app, ``gap_s`` apart.
+
+    The first piece goes with the head, the end of the body with the last.
+    """
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces]
+    chunks[0] = (
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n" + chunks[0]
+    )
+    chunks[-1] += b"0\r\n\r\n"
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    for number, chunk in enumerate(chunks):
+        if number:
+            time.sleep(gap_s)
+        sock.sendall(chunk)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    return answer
 
 
 def test_a_streamed_response_without_length_is_chunked(plane: Plane, www: Path) -> None:
