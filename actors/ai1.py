@@ -57,6 +57,7 @@ from arc.messages import Message
 from arc.runtime import Runtime
 from arc.token import ensure_token, tokens_match
 from arc.wire import FrameDecoder, error_frame, ok_frame, request_decoder
+from arc.workers import read_statuses, worker_count
 
 # Verbs whose answer holds a private key: never served on the admin channel.
 DENIED_VERBS = frozenset({"Cryptosaur.getCertificate"})
@@ -354,7 +355,14 @@ class AdminServer:
         except ArcError as exc:
             esper_error = exc.message
         host, port = self.address
+        count = worker_count()
+        workers = (
+            read_statuses(self.runtime.config.arcology.data_dir, count)
+            if count > 1
+            else None
+        )
         return {
+            "workers": workers,
             "started_at": _iso(float(runtime["started_at"])),
             "uptime_s": runtime["uptime_s"],
             "actors": runtime["actors"],

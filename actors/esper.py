@@ -15,6 +15,8 @@ handshakes never pass through the actor.
 - ``status {}`` reports listeners, cache counters and connection counters.
 - ``warm {domains}`` builds contexts in the background; the answer does not
   wait for them.
+- ``publishStatus {}`` (workers only) writes this worker's status for worker
+  0's ``ai1 status``; a ticker thread sends it every ``STATUS_EVERY_S``.
 - Hearing ``Cryptosaur.certificateChanged {domains}`` drops the stale contexts
   on the loop, so the next handshake fetches the new chain.
 
@@ -32,15 +34,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from arc.actor import Actor, verb
+import pykka
+
+from arc.actor import Actor, Envelope, verb
 from arc.config import Config
 from arc.dataplane import DataPlane
 from arc.errors import BadInput, NotFound
+from arc.messages import encode_request
 from arc.names import normalise_domain
 from arc.runtime import Runtime
 from arc.tls.accept import (
@@ -51,6 +57,7 @@ from arc.tls.accept import (
 )
 from arc.tls.cache import ContextCache
 from arc.tls.listener import open_sockets, raise_fd_limit
+from arc.workers import STATUS_EVERY_S, publish_status, worker_count, worker_index
 
 CHANGED = "Cryptosaur.certificateChanged"
 LISTENER_OPENED = "Esper.listenerOpened"
@@ -107,6 +114,8 @@ class Esper(Actor):
         super().__init__(runtime, config)
         self.plane: DataPlane | None = None
         self.station: _Station | None = None
+        self._stopping = threading.Event()
+        self._publisher: threading.Thread | None = None
 
     # -- life -------------------------------------------------------------------
 
@@ -133,9 +142,19 @@ class Esper(Actor):
         else:
             self.log.debug("station adopted listeners={}", sorted(station.listening))
         self.station = station
+        if worker_count() > 1:
+            # Worker 0 answers ai1 status for every worker (arc.workers).
+            self._publisher = threading.Thread(
+                target=self._publish_every_second, name="esper-status", daemon=True
+            )
+            self._publisher.start()
 
     def on_stop(self) -> None:
         """Close every listener, unless this is a restart after a crash."""
+        self._stopping.set()
+        publisher = self._publisher
+        if publisher is not None and publisher is not threading.current_thread():
+            publisher.join(timeout=5.0)
         if self.plane is None or self.station is None:
             return
         restarting = (
@@ -149,6 +168,15 @@ class Esper(Actor):
         for port in sorted(station.listening):
             self._close(station, port)
         station.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _publish_every_second(self) -> None:
+        # Only sends a message: the status is read on the actor's thread.
+        request = encode_request(f"{self.name}.publishStatus", {})
+        while not self._stopping.wait(STATUS_EVERY_S):
+            try:
+                self.actor_ref.tell(Envelope(request))
+            except pykka.ActorDeadError:
+                return
 
     async def _fetch(self, name: str) -> Mapping[str, Any]:
         """Ask Cryptosaur for a name's chain and key, without blocking the loop."""
@@ -275,6 +303,15 @@ class Esper(Actor):
             "rejected": stats.rejected,
             "requests": plane.requests_by_class(),
         }
+
+    @verb("publishStatus")
+    def publish_status(self, payload: Any) -> Any:
+        """Write this worker's status for worker 0 (see ``arc.workers``)."""
+        index = worker_index()
+        if index is None:
+            raise BadInput("publishStatus: this process is not a worker")
+        publish_status(self.config.arcology.data_dir, index, self.status(None))
+        return {"published": index}
 
     @verb("warm")
     def warm(self, payload: Any) -> Any:

@@ -48,14 +48,20 @@ suits machines shared with other work.
 Log lines of a worker end with ``worker=I`` so an operator (and a test) can
 tell which process said what; they go straight to the parent's stderr.
 
-LIMITATION: counters (``Esper.status``, the metrics plugin) are per worker;
-a scrape or ``ai1 status`` sees one worker's share.
+Counters. Each worker counts its own connections, handshakes and cache. So
+that ``ai1 status`` (answered by worker 0) can show them all, every worker's
+Esper writes its status to ``<data_dir>/workers/I.json`` once a second
+(``publish_status``; written to a temporary file and renamed, so a reader
+never sees half of one) and worker 0 reads the others (``read_statuses``),
+each with its age. The metrics plugin stays per worker: worker I serves it
+on its own port (see ``actors/metrics.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import select
 import signal
@@ -63,6 +69,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -85,6 +92,10 @@ FIRST_READY_TIMEOUT_S = 60.0
 # leaves room for that before they are killed.
 STOP_TIMEOUT_S = 30.0
 TICK_S = 0.2
+# Where workers leave their status for worker 0, below the data directory,
+# and how often they renew it.
+STATUS_FOLDER = "workers"
+STATUS_EVERY_S = 1.0
 MAX_WORKERS = 256
 _PR_SET_PDEATHSIG = 1
 
@@ -107,6 +118,50 @@ def worker_index() -> int | None:
     """This process's worker index, or None when it is not a worker."""
     value = os.environ.get(WORKER_ENV, "")
     return int(value) if value.isdigit() else None
+
+
+def worker_count() -> int:
+    """How many workers this process is one of (1 when it is not a worker)."""
+    value = os.environ.get(WORKERS_ENV, "")
+    return int(value) if value.isdigit() and worker_index() is not None else 1
+
+
+def publish_status(data_dir: Path, index: int, status: dict[str, Any]) -> None:
+    """Write worker ``index``'s status where ``read_statuses`` finds it."""
+    folder = data_dir / STATUS_FOLDER
+    folder.mkdir(mode=0o700, exist_ok=True)
+    record = {**status, "index": index, "pid": os.getpid(), "written_at": time.time()}
+    temporary = folder / f"{index}.json.tmp"
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, folder / f"{index}.json")
+
+
+def read_statuses(data_dir: Path, count: int) -> list[dict[str, Any]]:
+    """The last status each of ``count`` workers wrote, with ``age_s``.
+
+    A worker that wrote nothing yet (or whose file cannot be read) is
+    ``{"index": I, "missing": reason}``.
+    """
+    now = time.time()
+    found: list[dict[str, Any]] = []
+    for index in range(count):
+        path = data_dir / STATUS_FOLDER / f"{index}.json"
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            found.append({"index": index, "missing": "no status written yet"})
+            continue
+        except (OSError, ValueError) as exc:
+            found.append({"index": index, "missing": f"unreadable: {exc}"})
+            continue
+        written = record.get("written_at")
+        record["age_s"] = (
+            round(now - written, 3) if isinstance(written, float) else None
+        )
+        found.append(record)
+    return found
 
 
 def tag_worker_logs() -> None:

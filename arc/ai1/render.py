@@ -149,7 +149,38 @@ def status_json(status: dict[str, Any]) -> dict[str, Any]:
         if esper
         else None,
         "esper_error": status.get("esper_error"),
+        "workers": _workers_json(status.get("workers")),
     }
+
+
+# What ``ai1 status`` shows of each worker, and adds up over them.
+WORKER_COUNTERS = (*CONNECTION_FIELDS, "hits", "misses", "size")
+
+
+def _workers_json(workers: Any) -> dict[str, Any] | None:
+    """Each worker's last report and the totals, or None without workers."""
+    if not isinstance(workers, list):
+        return None
+    each: list[dict[str, Any]] = []
+    totals = dict.fromkeys(WORKER_COUNTERS, 0)
+    for record in workers:
+        if not isinstance(record, dict):
+            continue
+        entry: dict[str, Any] = {
+            "index": record.get("index"),
+            "pid": record.get("pid"),
+            "age_s": record.get("age_s"),
+            "missing": record.get("missing"),
+        }
+        found = record.get("cache")
+        cache: dict[str, Any] = found if isinstance(found, dict) else {}
+        for name in WORKER_COUNTERS:
+            value = record.get(name, cache.get(name))
+            entry[name] = value
+            if isinstance(value, int) and not isinstance(value, bool):
+                totals[name] += value
+        each.append(entry)
+    return {"each": each, "totals": totals}
 
 
 def services_json(services: Any) -> list[dict[str, Any]]:
@@ -381,4 +412,28 @@ def status_text(status: dict[str, Any]) -> str:
             lines.append(f"cache: {_cell(shown['cache'])}")
         if shown["connections"] is not None:
             lines.append(f"connections: {_cell(shown['connections'])}")
+    workers = shown["workers"]
+    if workers is not None:
+        lines.append(
+            f"workers: {len(workers['each'])} (the counters above are worker 0's; "
+            "each worker as of its last report)"
+        )
+        rows = [
+            [
+                _cell(w["index"]),
+                _cell(w["pid"]),
+                "-" if w["age_s"] is None else f"{w['age_s']:.1f}s",
+                *(_cell(w[name]) for name in WORKER_COUNTERS),
+            ]
+            if not w["missing"]
+            else [_cell(w["index"]), "-", "-", f"({w['missing']})"]
+            + [""] * (len(WORKER_COUNTERS) - 1)
+            for w in workers["each"]
+        ]
+        rows.append(
+            ["all", "", ""] + [str(workers["totals"][n]) for n in WORKER_COUNTERS]
+        )
+        headers = ["WORKER", "PID", "AGE", "OPEN", "HANDSHAKES", "FAILURES"]
+        headers += ["REJECTED", "HITS", "MISSES", "CACHED"]
+        lines.append(table(headers, rows))
     return "\n".join(lines)

@@ -291,3 +291,8 @@ def test_a_crash_of_esper_keeps_its_listeners_and_contexts(
     assert [item["port"] for item in status["listeners"]] == [port]
     assert status["cache"]["size"] == 1
     assert served_leaf(port, "steady.example") is not None
+
+
+def test_publish_status_is_refused_outside_workers(runtime: Runtime) -> None:
+    with pytest.raises(BadInput, match="not a worker"):
+        runtime.ask("Esper", "publishStatus", {})

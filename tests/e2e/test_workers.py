@@ -9,6 +9,7 @@ through the change feed's 200 ms poll; with PostgreSQL by notification.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -224,3 +225,36 @@ def test_without_cpu_affinity_workers_may_run_on_every_cpu(workers: Workers) -> 
     cpus = [allowed_cpus(pid) for pid in workers.worker_pids().values()]
 
     assert cpus == [available, available]
+
+
+def test_ai1_status_shows_every_worker_and_their_totals(tmp_path: Path) -> None:
+    running = Workers(tmp_path).start()
+    try:
+        chain = make_chain("count.workers.test")
+        running.upload(chain.bundle(), "count")
+        time.sleep(WITHIN_S)
+        assert burst(running.ports["https"], "count.workers.test") == (
+            [chain.fingerprint] * CONNECTIONS
+        )
+        lines = settle_access_lines(running, "count.workers.test", CONNECTIONS)
+        served_by = running.accepts_by_worker("count.workers.test", lines)
+        time.sleep(2.5)  # every worker has reported since
+
+        shown = ai1(running.folder, running.ports["admin"], "status", "--json")
+        text = ai1(running.folder, running.ports["admin"], "status")
+        pids = running.worker_pids()
+    finally:
+        running.process.stop(signal.SIGTERM)
+
+    assert shown.returncode == 0, shown.stderr
+    workers = json.loads(shown.stdout)["workers"]
+    each = {w["index"]: w for w in workers["each"]}
+    assert sorted(each) == [0, 1]
+    for index in (0, 1):
+        assert each[index]["pid"] == pids[index]
+        assert each[index]["age_s"] < 2.0
+        assert each[index]["handshakes"] == served_by[str(index)]
+    assert workers["totals"]["handshakes"] == CONNECTIONS
+    assert text.returncode == 0
+    assert "workers: 2" in text.stdout
+    assert re.search(rf"^all\s+0\s+{CONNECTIONS}\s+0\s+0\s", text.stdout, re.M)

@@ -93,3 +93,45 @@ def test_status_without_esper_says_why_listeners_are_unknown() -> None:
     assert "listeners: unknown (no actor named 'Esper')" in text
     assert shown["listeners"] is None and shown["connections"] is None
     assert shown["actors"] == [{"name": "AI1", "state": "running", "restarts": 2}]
+
+
+def test_status_of_workers_sums_those_that_reported_and_names_the_others() -> None:
+    status = {
+        "started_at": "2026-01-01T00:00:00Z",
+        "uptime_s": 5,
+        "actors": [],
+        "admin": {"address": "127.0.0.1:7399", "tls": False, "connections": 1},
+        "esper": None,
+        "esper_error": "busy",
+        "workers": [
+            {
+                "index": 0,
+                "pid": 11,
+                "age_s": 0.25,
+                "connections_open": 2,
+                "handshakes": 30,
+                "handshake_failures": 1,
+                "rejected": 0,
+                "cache": {"hits": 28, "misses": 2, "size": 2},
+            },
+            {"index": 1, "missing": "no status written yet"},
+        ],
+    }
+
+    shown = render.status_json(status)
+    text = render.status_text(status).splitlines()
+
+    assert shown["workers"]["totals"] == {
+        "connections_open": 2,
+        "handshakes": 30,
+        "handshake_failures": 1,
+        "rejected": 0,
+        "hits": 28,
+        "misses": 2,
+        "size": 2,
+    }
+    assert shown["workers"]["each"][1]["missing"] == "no status written yet"
+    assert text[-3].split() == ["0", "11", "0.2s", "2", "30", "1", "0", "28", "2", "2"]
+    assert text[-2].split()[:3] == ["1", "-", "-"]
+    assert "(no status written yet)" in text[-2]
+    assert text[-1].split() == ["all", "2", "30", "1", "0", "28", "2", "2"]
