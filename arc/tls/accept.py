@@ -22,7 +22,10 @@ the context *before* the handshake starts instead:
 4. With no server name, an unusable one, or no certificate, the fallback
    setting decides: ``"reject"`` writes a plaintext ``unrecognized_name``
    alert record and closes (the loop's TLS code would close silently), a
-   domain serves that domain's context instead.
+   domain serves that domain's context instead. A certificate that may exist
+   but cannot be had (the store unreachable, a fetch slower than the
+   handshake timeout) is refused with ``internal_error`` instead, fallback
+   or not.
 5. Hand-over: the loop's own ``SSLProtocol`` (uvloop's, or asyncio's on
    the default loop) is made for the chosen context and the HTTP protocol
    from ``dataplane.http_protocol_factory`` (told the certificate's domain,
@@ -75,9 +78,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 
-from arc.errors import ArcError
+from arc.errors import ArcError, NotFound
 from arc.tls.cache import CachedContext, ContextCache
 from arc.tls.clienthello import (
+    ALERT_INTERNAL_ERROR,
     ALERT_UNRECOGNIZED_NAME,
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
@@ -555,15 +559,33 @@ class TlsListener:
         return entry
 
     async def _context_for(self, name: str, deadline: float) -> CachedContext | None:
+        """The context for ``name``; None when no certificate covers it.
+
+        Raises:
+            HandshakeRefused: with ``internal_error``, when a certificate may
+                exist but could not be had: the store is unreachable or busy,
+                the fetch outlived the handshake timeout, or the stored chain
+                and key do not make a context. The fallback is no answer to
+                that: it would serve another domain's certificate.
+        """
         entry = self.cache.lookup(name)
         if entry is not None:
             return entry
         try:
             async with asyncio.timeout_at(deadline):
                 return await self.cache.get(name)
-        except ArcError as exc:
+        except NotFound as exc:
             log.debug("no context name={} reason={}", name, exc.message)
             return None
+        except ArcError as exc:
+            reason = exc.message
+            cause: BaseException = exc
+        except TimeoutError as exc:
+            reason = "not ready within the handshake timeout"
+            cause = exc
+        raise HandshakeRefused(
+            f"certificate for {name} unavailable: {reason}", ALERT_INTERNAL_ERROR
+        ) from cause
 
 
 def alert_record(description: int) -> bytes:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.arc.tls.serving import s_client
 from tests.certs import make_chain
 from tests.e2e.probe import ai1, node_config, served, wait_served, write_master_key
 from tests.e2e.server import ArcologyProcess
@@ -139,13 +140,20 @@ def test_nodes_serve_cached_domains_through_a_database_outage_and_catch_up(
         wait_served(two.tls_port, "steady.cluster.test", before.fingerprint, 5)
         wait_served(one.tls_port, "steady.cluster.test", before.fingerprint, 5)
 
-        # The database goes away: cached domains keep being served.
+        # A domain the second node never served, so never cached.
+        cold = make_chain("cold.cluster.test")
+        one.upload(cold.bundle(), "cold")
+
+        # The database goes away: cached domains keep being served; an
+        # uncached one is refused as a server failure, not an unknown name.
         own_postgres.stop()
         two.process.wait_for("certificate store unreachable", 10)
         for _ in range(10):
             assert served(one.tls_port, "steady.cluster.test") == before.fingerprint
             assert served(two.tls_port, "steady.cluster.test") == before.fingerprint
             time.sleep(0.1)
+        refused = s_client(two.tls_port, "cold.cluster.test", tmp_path)
+        assert "internal error" in refused, refused
 
         # It comes back, and a change made before the second node has
         # reconnected is still heard (caught up by sequence number).

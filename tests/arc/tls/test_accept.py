@@ -213,6 +213,25 @@ def test_a_slow_fetch_does_not_delay_handshakes_of_cached_domains(
     assert srv.cache.counters()["size"] == 11
 
 
+def test_a_fetch_slower_than_the_handshake_timeout_is_refused_with_internal_error(
+    tmp_path: Path, errors: list[str]
+) -> None:
+    with serving(tmp_path, handshake_timeout_s=0.3, fallback="example.com") as srv:
+        srv.store.add("example.com")
+        srv.connect("example.com").close()
+        srv.store.add("slow.example.com")
+        srv.store.delay_s = 1.0
+
+        printed = s_client(srv.port, "slow.example.com", tmp_path)
+        failures = srv.stats.handshake_failures
+
+    # Not the fallback's certificate: the name may well have its own.
+    assert "internal error" in printed
+    assert "CN = example.com" not in printed and "CN=example.com" not in printed
+    assert failures == 1
+    assert errors == []
+
+
 def _try_connect(srv: Serving, name: str) -> None:
     srv.connect(name).close()
 
