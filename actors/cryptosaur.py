@@ -284,7 +284,8 @@ class Cryptosaur(Actor):
     @verb("checkExpiry")
     def check_expiry(self, payload: Any) -> Any:
         """Log a WARNING per certificate near its end; return them."""
-        warning_days = self.config.arcology.expiry_warning_days
+        # The runtime's settings: a reload may have changed them.
+        warning_days = self.runtime.config.arcology.expiry_warning_days
         now = dt.datetime.now(dt.UTC)
         found = self._store().expiring(now + dt.timedelta(days=warning_days))
         for item in found:

@@ -15,6 +15,8 @@ handshakes never pass through the actor.
 - ``status {}`` reports listeners, cache counters and connection counters.
 - ``warm {domains}`` builds contexts in the background; the answer does not
   wait for them.
+- ``applySettings {}`` puts the runtime's settings in force after a reload
+  (fallback, handshake timeout, cache limits).
 - ``publishStatus {}`` (workers only) writes this worker's status for worker
   0's ``ai1 status``; a ticker thread sends it every ``STATUS_EVERY_S``.
 - Hearing ``Cryptosaur.certificateChanged {domains}`` drops the stale contexts
@@ -303,6 +305,37 @@ class Esper(Actor):
             "rejected": stats.rejected,
             "requests": plane.requests_by_class(),
         }
+
+    @verb("applySettings")
+    def apply_settings(self, payload: Any) -> Any:
+        """Put the runtime's current settings in force (after a reload).
+
+        The fallback and handshake timeout apply to connections accepted from
+        now on; the cache's limits at once (a smaller size evicts).
+        """
+        plane, station = self._ready()
+        self.config = self.runtime.config
+        settings = self.config.arcology
+        tls = [
+            opened.listener
+            for opened in station.listening.values()
+            if isinstance(opened.listener, TlsListener)
+        ]
+
+        async def apply() -> None:
+            station.cache.configure(
+                size=settings.cache_size,
+                ttl_s=settings.cache_ttl_s,
+                negative_ttl_s=settings.negative_ttl_s,
+            )
+            for listener in tls:
+                listener.configure(
+                    fallback=settings.tls_fallback,
+                    handshake_timeout_s=settings.handshake_timeout_s,
+                )
+
+        plane.run(apply(), LOOP_CALL_TIMEOUT_S)
+        return {"listeners": len(tls), "cache_size": settings.cache_size}
 
     @verb("publishStatus")
     def publish_status(self, payload: Any) -> Any:

@@ -17,20 +17,32 @@ untouched (their connections too), and the new table replaces the old in one
 swap. Applications keep running across a reload when their ``app`` spec is
 unchanged; new ones are started and dropped ones shut down.
 
+A reload also puts the ``[arcology]`` settings of ``LIVE_SETTINGS`` in force
+(HSTS, access log, body and header limits and timeouts, the TLS fallback and
+handshake timeout, the context cache's limits, the expiry warning): the
+runtime's and the data plane's config are replaced, so the next connection
+reads them, and Esper is told to ``applySettings``. The other settings
+(ports and addresses, the store, files) and ``[plugins]`` keep their running
+values until a restart; the answer and a WARNING name them.
+
 What always holds: the data plane never waits for Hyperion; requests read the
 table in force, so a reload applies to the next request.
-
-What it does not do yet: a reload applies the services only; changes to the
-``[arcology]`` settings (HSTS, limits, access log) need a restart.
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from arc.actor import Actor, verb
-from arc.config import Config, ServiceConfig, load_config
+from arc.config import (
+    LIVE_SETTINGS,
+    Config,
+    ServiceConfig,
+    changed_settings,
+    load_config,
+)
 from arc.errors import ArcError, ConfigError, NotFound
 from arc.http.asgi import LIFESPAN_TIMEOUT_S, ASGIApp, Lifespan, load_app
 from arc.http.routing import RoutingTable, covers, derive_listeners
@@ -93,12 +105,41 @@ class Hyperion(Actor):
 
     @verb("reload")
     def reload(self, payload: Any) -> dict[str, Any]:
-        """Re-read the configuration file; answer {opened, closed, unchanged}."""
+        """Re-read the configuration file and put it in force.
+
+        Answers ``{opened, closed, unchanged, applied, restart_needed}``: the
+        listener ports, the ``[arcology]`` settings now in force, and those
+        (with ``plugins``) that keep their running values until a restart.
+        """
         path = self.config.path
-        config = load_config(path) if path is not None else self.config
+        loaded = load_config(path) if path is not None else self.config
+        before = self.config.arcology
+        changed = changed_settings(before, loaded.arcology)
+        applied = [name for name in changed if name in LIVE_SETTINGS]
+        later = [name for name in changed if name not in LIVE_SETTINGS]
+        if loaded.plugins != self.config.plugins:
+            later.append("plugins")
+        # Settings that need a restart keep their running values until then.
+        settings = replace(
+            before, **{name: getattr(loaded.arcology, name) for name in applied}
+        )
+        config = replace(loaded, arcology=settings, plugins=self.config.plugins)
+
         summary = self._apply(config)
         self.config = config
         _in_force[self.runtime] = config
+        self.runtime.config = config
+        self.runtime.dataplane.config = config
+        if applied:
+            self.runtime.ask("Esper", "applySettings", {})
+            self.log.info("settings applied settings={}", ",".join(applied))
+        if later:
+            self.log.warning(
+                "settings changed that apply only after a restart settings={}",
+                ",".join(later),
+            )
+        summary["applied"] = applied
+        summary["restart_needed"] = later
         self._check_certificates(config.services, only_new=True)
         self.log.info(
             "services reloaded services={} opened={} closed={} unchanged={}",

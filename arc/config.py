@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +57,30 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     local_ca: bool = False
+
+
+# The settings a reload puts in force at once; any other needs a restart
+# (they decide what the process opened at start: ports, the store, files).
+LIVE_SETTINGS = frozenset(
+    {
+        "tls_fallback",
+        "handshake_timeout_s",
+        "cache_size",
+        "cache_ttl_s",
+        "negative_ttl_s",
+        "expiry_warning_days",
+        "hsts",
+        "access_log",
+        "max_body_bytes",
+        "header_timeout_s",
+        "body_timeout_s",
+    }
+)
+
+
+def changed_settings(old: Settings, new: Settings) -> list[str]:
+    """The names of the ``[arcology]`` settings that differ, in field order."""
+    return [f.name for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
 
 
 @dataclass(frozen=True)
@@ -176,27 +200,8 @@ def is_loopback(host: str) -> bool:
 class _Parser:
     """Turns the raw TOML tree into a ``Config`` or a precise ``ConfigError``."""
 
-    SETTINGS_FIELDS = {
-        "data_dir",
-        "admin",
-        "admin_tls_cert",
-        "token_file",
-        "store",
-        "master_key_file",
-        "tls_fallback",
-        "bind",
-        "cache_size",
-        "cache_ttl_s",
-        "negative_ttl_s",
-        "handshake_timeout_s",
-        "expiry_warning_days",
-        "hsts",
-        "access_log",
-        "max_body_bytes",
-        "header_timeout_s",
-        "body_timeout_s",
-        "local_ca",
-    }
+    # Every field of Settings is a key of the [arcology] table.
+    SETTINGS_FIELDS = frozenset(f.name for f in fields(Settings))
     SERVICE_FIELDS = {"name", "hosts", "port", "tls", "tlsPort", "root", "app"}
 
     def __init__(self, label: str, base: Path) -> None:

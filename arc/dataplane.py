@@ -133,11 +133,14 @@ class DataPlane:
         """What serves HTTP on one connection of ``port``."""
         from arc.http.server import HttpProtocol
 
-        settings = self.config.arcology
-
         def factory() -> asyncio.Protocol:
+            # The settings in force now: a reload replaces ``config``.
             return HttpProtocol(
-                self, port=port, scheme=scheme, tls_domain=tls_domain, settings=settings
+                self,
+                port=port,
+                scheme=scheme,
+                tls_domain=tls_domain,
+                settings=self.config.arcology,
             )
 
         return factory

@@ -376,6 +376,12 @@ class TlsListener:
         for sock in self.sockets:
             sock.close()
 
+    def configure(self, *, fallback: str, handshake_timeout_s: float) -> None:
+        """Apply new settings (a reload) to connections from now on; on the loop."""
+        self.fallback = fallback
+        self.handshake_timeout_s = handshake_timeout_s
+        self.clock.timeout_s = handshake_timeout_s
+
     def _new_reader(self) -> _HelloReader:
         return _HelloReader(self)
 

@@ -253,6 +253,21 @@ class ContextCache:
             self._drop(oldest)
             self.evictions += 1
 
+    def configure(self, *, size: int, ttl_s: float, negative_ttl_s: float) -> None:
+        """Apply new limits (a reload); call on the loop.
+
+        A smaller size evicts the least recently used contexts at once; the
+        time to live applies to entries stored from now on.
+        """
+        self._size = size
+        self._ttl_s = ttl_s
+        self._negative_ttl_s = negative_ttl_s
+        while len(self._entries) > size:
+            self._drop(next(iter(self._entries)))
+            self.evictions += 1
+        while len(self._negative) > size:
+            self._negative.popitem(last=False)
+
     def _remember_refusal(self, name: str) -> None:
         self._negative[name] = self._clock() + self._negative_ttl_s
         self._negative.move_to_end(name)

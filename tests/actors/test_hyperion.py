@@ -44,7 +44,9 @@ def service(name: str, hosts: list[str], port: int, **extra: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_config(tmp_path: Path, *services: str, local_ca: bool = False) -> Path:
+def write_config(
+    tmp_path: Path, *services: str, local_ca: bool = False, settings: str = ""
+) -> Path:
     www = tmp_path / "www"
     www.mkdir(exist_ok=True)
     (www / "index.html").write_text("shop home")
@@ -53,7 +55,8 @@ def write_config(tmp_path: Path, *services: str, local_ca: bool = False) -> Path
         "[arcology]\n"
         f'data_dir = "{tmp_path / "data"}"\n'
         'bind = ["127.0.0.1"]\n'
-        f"local_ca = {'true' if local_ca else 'false'}\n\n" + "\n".join(services)
+        f"local_ca = {'true' if local_ca else 'false'}\n"
+        f"{settings}\n" + "\n".join(services)
     )
     return path
 
@@ -171,7 +174,13 @@ def test_reload_opens_new_ports_closes_unused_ones_and_leaves_the_rest(
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", dropped), timeout=2)
 
-    assert summary == {"opened": [added], "closed": [dropped], "unchanged": [kept]}
+    assert summary == {
+        "opened": [added],
+        "closed": [dropped],
+        "unchanged": [kept],
+        "applied": [],
+        "restart_needed": [],
+    }
     assert heard == [summary]
     assert still.status == 200
     assert new_port[:2] == (200, b"shop home")
@@ -331,3 +340,51 @@ def test_contexts_of_tls_hosts_are_built_at_start_before_any_handshake(
     assert (status, body) == (200, b"shop home")
     assert after["misses"] == before["misses"]
     assert after["hits"] == before["hits"] + 1
+
+
+def test_reload_puts_live_settings_in_force_and_names_those_needing_a_restart(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    plain, tls = free_ports(2)
+    shop = service("shop", [SHOP], plain, tls="optional", tlsPort=tls, root="www")
+    path = write_config(tmp_path, shop)
+    chain = make_chain(SHOP)
+    ctx = ssl.create_default_context(cadata=chain.root_pem.decode())
+    unknown = ssl.create_default_context(cadata=chain.root_pem.decode())
+    unknown.check_hostname = False
+
+    with running(CORE, load_config(path)) as rt:
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": chain.bundle()})
+        before = (get(tls, SHOP, ctx)[2].getheader("strict-transport-security"),)
+        write_config(
+            tmp_path,
+            shop,
+            settings='hsts = "max-age=60"\n'
+            f'tls_fallback = "{SHOP}"\n'
+            "max_body_bytes = 1000\n"
+            'admin = "127.0.0.1:17399"\n',
+        )
+
+        summary = rt.ask("Hyperion", "reload", {})
+
+        hsts = get(tls, SHOP, ctx)[2].getheader("strict-transport-security")
+        # An unknown name now gets the fallback's certificate.
+        with socket.create_connection(("127.0.0.1", tls), timeout=5) as raw:
+            with unknown.wrap_socket(raw, server_hostname="other.example") as conn:
+                fallback_cn = dict(x[0] for x in conn.getpeercert()["subject"])
+        big = http.client.HTTPConnection("127.0.0.1", plain, timeout=5)
+        big.request("POST", "/", body=b"x" * 2000, headers={"Host": SHOP})
+        too_big = big.getresponse().status
+        big.close()
+
+    assert before == ("max-age=31536000",)
+    assert summary["applied"] == ["tls_fallback", "hsts", "max_body_bytes"]
+    assert summary["restart_needed"] == ["admin"]
+    assert hsts == "max-age=60"
+    assert fallback_cn["commonName"] == SHOP
+    assert too_big == 413
+    assert any(
+        r["level"].name == "WARNING"
+        and "after a restart settings=admin" in r["message"]
+        for r in logs
+    )

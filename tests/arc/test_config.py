@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
-from arc.config import Config, load_config
+from arc.config import LIVE_SETTINGS, Config, Settings, changed_settings, load_config
 from arc.errors import ConfigError
 
 
@@ -190,3 +191,14 @@ def test_services_may_share_a_port_in_the_same_mode(tmp_path: Path) -> None:
     config = parse(text, tmp_path)
 
     assert [(s.port, s.tls_port) for s in config.services] == [(80, 443), (80, 443)]
+
+
+def test_changed_settings_names_what_differs_and_live_ones_are_real_settings(
+    tmp_path: Path,
+) -> None:
+    old = Settings(data_dir=tmp_path)
+    new = replace(old, hsts="", bind=("127.0.0.1",), cache_size=5)
+
+    assert changed_settings(old, new) == ["bind", "cache_size", "hsts"]
+    assert changed_settings(old, old) == []
+    assert {f.name for f in fields(Settings)} >= LIVE_SETTINGS
