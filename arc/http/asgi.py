@@ -80,6 +80,12 @@ def date_header() -> bytes:
     return value
 
 
+def release(waiter: asyncio.Future[None] | None) -> None:
+    """Let whoever awaits ``waiter`` go on, unless it is gone or done."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 def decode_path(raw_path: bytes) -> str:
     """The ASGI ``path``: percent-decoded once, UTF-8 (invalid bytes replaced)."""
     if b"%" not in raw_path and raw_path.isascii():
@@ -141,6 +147,7 @@ class Exchange:
         "started_at",
         "status",
         "task",
+        "websocket",
     )
 
     def __init__(
@@ -178,6 +185,8 @@ class Exchange:
         self.started_at = 0.0
         self.extra_headers = b""
         self.task: asyncio.Task[None] | None = None
+        # A WebSocket opening handshake (see arc.http.websocket).
+        self.websocket = False
         self._handed_out = False
         self._head: tuple[int, list[tuple[bytes, bytes]]] | None = None
         self._length: int | None = None
@@ -207,11 +216,8 @@ class Exchange:
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        release(waiter)
 
     # -- ASGI --------------------------------------------------------------
 

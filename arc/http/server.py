@@ -49,8 +49,11 @@ and while the transport's write buffer is above its high mark (a client that
 does not read its answers gets no more of its requests read); a streaming
 response waits for the transport to drain.
 
-What it does not do yet: no WebSocket and no HTTP/2 (see the LIMITATION
-marks).
+WebSocket: an opening handshake routed to an ASGI application turns the
+connection into a ``WebSocketSession`` (``arc.http.websocket``), which then
+gets every byte; other upgrades are answered as HTTP/1.1 and closed.
+
+What it does not do yet: no HTTP/2 (see the LIMITATION marks).
 """
 
 from __future__ import annotations
@@ -64,11 +67,12 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 from loguru import logger
 
-from arc.http.asgi import ASGIApp, Exchange, date_header
+from arc.http.asgi import ASGIApp, Exchange, Scope, date_header, release
 from arc.http.errors import error_body, status_line
 from arc.http.redirect import hsts_header, redirect_location, redirect_status
 from arc.http.routing import Route, covers
 from arc.http.static import CHUNK_BYTES, FileBody, StaticFiles, read_chunk
+from arc.http.websocket import WebSocketSession, is_websocket_request, websocket_scope
 
 if TYPE_CHECKING:
     from arc.config import Settings
@@ -128,6 +132,8 @@ class HttpProtocol(asyncio.Protocol):
     connection_stats: ConnectionStats | None = None
     # The addresses, read from the transport when first needed (see below).
     _addresses: tuple[tuple[str, int] | None, tuple[str, int] | None] | None = None
+    # The WebSocket this connection was upgraded to, if any.
+    _websocket: WebSocketSession | None = None
 
     def __init__(
         self,
@@ -212,14 +218,25 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; its callbacks do the work."""
+        if self._websocket is not None:
+            self._websocket.feed(data)
+            return
         parser = self.parser
         if self._stop_parsing or parser is None:
             return
         try:
             parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The parser stops at an Upgrade head (see on_headers_complete):
-            # answer what came, then close.
+        except httptools.HttpParserUpgrade as upgrade:
+            websocket = self._websocket
+            if websocket is not None:
+                # From here on the bytes are WebSocket frames.
+                self._stop_parsing = True
+                rest = data[upgrade.args[0] :] if upgrade.args else b""
+                if rest:
+                    websocket.feed(rest)
+                return
+            # The parser stops at any other Upgrade head (see
+            # on_headers_complete): answer what came, then close.
             self._stop_reading()
             ex = self._parsing
             if ex is not None:
@@ -239,6 +256,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The client finished sending: answer what came, then close."""
+        if self._websocket is not None:
+            # A WebSocket ends with a close frame; EOF without one is 1006.
+            self._websocket.lost()
+            return None
         if self.is_tls or (self._active is None and not self._queue):
             # A TLS transport cannot stay half-open; it closes now.
             return None
@@ -268,6 +289,8 @@ class HttpProtocol(asyncio.Protocol):
                 ex.lost()
         self._queue.clear()
         self._wake_drain()
+        if self._websocket is not None:
+            self._websocket.lost()
 
     def pause_writing(self) -> None:
         """The transport buffer is high: stop reading, streaming responses wait."""
@@ -370,10 +393,13 @@ class HttpProtocol(asyncio.Protocol):
 
         ex.expect_continue = expect and version == "1.1"
         if upgrade:
-            # LIMITATION: no WebSocket or h2c; the request is answered as
-            # HTTP/1.1 and the connection closes after it, since the parser
-            # stops at an Upgrade head.
+            # The parser stops at an Upgrade head, so the connection ends
+            # with this request: a WebSocket handshake for an application
+            # carries on as a WebSocket (see _start); anything else (h2c, a
+            # handshake for static files) is answered as HTTP/1.1.
+            # LIMITATION: no h2c upgrade.
             ex.keep_alive = False
+            ex.websocket = is_websocket_request(ex.method, version, self._headers)
 
         # Requests that are refused before any byte of their body.
         if not raw_path or hosts > 1:
@@ -415,7 +441,7 @@ class HttpProtocol(asyncio.Protocol):
         self._waiting = _BUSY
         if ex is not None:
             ex.end_body()
-            if not ex.keep_alive:
+            if not ex.keep_alive and self._websocket is None:
                 self._stop_reading()
         if self._active is None and not self._queue:
             self._enter_idle()
@@ -488,7 +514,42 @@ class HttpProtocol(asyncio.Protocol):
         self, ex: Exchange, app: ASGIApp, state: dict[str, Any] | None
     ) -> None:
         scope = ex.scope(self.server, self.client, self.scheme, state)
+        if ex.websocket:
+            self._run_websocket(ex, app, scope)
+            return
         ex.task = self.loop.create_task(ex.run(app, scope))
+
+    def _run_websocket(self, ex: Exchange, app: ASGIApp, scope: Scope) -> None:
+        # The connection becomes the session's: no HTTP timers from now on.
+        where = f"{ex.host}{ex.raw_path.decode('latin-1')}"
+        session = WebSocketSession(self, ex.headers, where)
+        self._websocket = session
+        self._waiting = _BUSY
+        scope = websocket_scope(scope, self.is_tls, session.subprotocols)
+        ex.task = self.loop.create_task(self._websocket_ended(ex, session, app, scope))
+
+    async def _websocket_ended(
+        self, ex: Exchange, session: WebSocketSession, app: ASGIApp, scope: Scope
+    ) -> None:
+        try:
+            await session.run(app, scope)
+        finally:
+            ex.status = session.status
+            ex.response_started = ex.response_done = True
+            self.finish(ex)
+
+    # -- what a WebSocket session needs beyond the Connection interface ------
+
+    def pause_reading(self) -> None:
+        """The session has enough messages waiting: stop reading for now."""
+        self._pause()
+
+    def resume_reading(self) -> None:
+        """The session took its messages: read again (unless writes wait)."""
+        if self._reading_paused and not self._write_paused and not self.closed:
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     def _serve_static(self, ex: Exchange, static: StaticFiles) -> None:
         headers = ex.headers
@@ -595,11 +656,8 @@ class HttpProtocol(asyncio.Protocol):
         await waiter
 
     def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._drain_waiter = self._drain_waiter, None
+        release(waiter)
 
     def finish(self, ex: Exchange) -> None:
         """The exchange is answered: log it, then close or take the next."""
@@ -655,6 +713,11 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _maybe_resume(self) -> None:
+        websocket = self._websocket
+        if websocket is not None:
+            if not websocket.reading_paused:
+                self.resume_reading()
+            return
         if not self._reading_paused or self.closed or self._stop_parsing:
             return
         if self._queue or self._write_paused:

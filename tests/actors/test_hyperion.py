@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.sync.client import connect
 
 from actors.cryptosaur import Cryptosaur
 from actors.esper import Esper
@@ -388,3 +389,40 @@ def test_reload_puts_live_settings_in_force_and_names_those_needing_a_restart(
         and "after a restart settings=admin" in r["message"]
         for r in logs
     )
+
+
+def test_a_websocket_over_tls_passes_through_esper_to_the_app(tmp_path: Path) -> None:
+    (tmp_path / "arc_hyperion_wsapp.py").write_text(
+        "from starlette.applications import Starlette\n"
+        "from starlette.routing import WebSocketRoute\n\n"
+        "async def shout(ws):\n"
+        "    await ws.accept()\n"
+        "    await ws.send_text((await ws.receive_text()).upper())\n"
+        "    await ws.close()\n\n"
+        "app = Starlette(routes=[WebSocketRoute('/shout', shout)])\n"
+    )
+    plain, tls = free_ports(2)
+    path = write_config(
+        tmp_path,
+        service(
+            "ws",
+            [SHOP],
+            plain,
+            tls="optional",
+            tlsPort=tls,
+            app="arc_hyperion_wsapp:app",
+        ),
+    )
+    chain = make_chain(SHOP)
+    ctx = ssl.create_default_context(cadata=chain.root_pem.decode())
+
+    with running(CORE, load_config(path)) as rt:
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": chain.bundle()})
+        sock = socket.create_connection(("127.0.0.1", tls), timeout=5)
+        with connect(
+            f"wss://{SHOP}:{tls}/shout", sock=sock, ssl=ctx, open_timeout=5
+        ) as ws:
+            ws.send("quiet please")
+            answer = ws.recv()
+
+    assert answer == "QUIET PLEASE"
