@@ -33,10 +33,11 @@ What always holds
   closes it, so a crash or a stop never leaves a port answering for a
   plugin that is gone.
 
-LIMITATION: the runtime's crash-storm rule applies to plugins as to core
-actors: a plugin that crashes more than ``MAX_RESTARTS`` times within
-``RESTART_WINDOW_S`` stops the whole process. A plugin cannot yet be marked
-"optional" so that it is given up on instead.
+- A plugin that crashes more than ``MAX_RESTARTS`` times within
+  ``RESTART_WINDOW_S`` is given up on: it stays stopped (``ai1 status``
+  shows it ``failed``, one ERROR line says so) and the core goes on serving.
+  ``required = true`` in its table makes such a crash storm stop the whole
+  process instead, as for a core actor.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ __all__ = [
 ENTRY_POINT_GROUP = "arcology.actors"
 # The table key that names a class directly; never passed on as an option.
 ACTOR_KEY = "actor"
+# A table key for every plugin: whether its crash storm stops Arcology.
+REQUIRED_KEY = "required"
 # A plugin's name is the first half of its verbs ("metrics.status"), so it
 # follows the same rule as the admin channel's verbs.
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -455,6 +458,7 @@ class _Prepared:
     cls: type[Actor]
     kwargs: dict[str, Any]
     start_error: list[str]
+    required: bool = False
 
 
 def _registered_class(
@@ -510,7 +514,15 @@ def prepare_plugin(name: str, table: Mapping[str, Any], config: Config) -> _Prep
         raise ConfigError(
             f"{label}: [plugins.{name}]: {found!r} is not an Actor subclass"
         )
-    options_table = {k: v for k, v in table.items() if k != ACTOR_KEY}
+    required = table.get(REQUIRED_KEY, False)
+    if not isinstance(required, bool):
+        raise ConfigError(
+            f"{label}: [plugins.{name}]: {REQUIRED_KEY} must be true or false "
+            f"(got {required!r})"
+        )
+    options_table = {
+        k: v for k, v in table.items() if k not in (ACTOR_KEY, REQUIRED_KEY)
+    }
     kwargs: dict[str, Any] = {}
     if issubclass(found, Plugin):
         kwargs["options"] = parse_options(
@@ -520,7 +532,7 @@ def prepare_plugin(name: str, table: Mapping[str, Any], config: Config) -> _Prep
         parse_options(name, NoOptions, options_table, label=label)
     start_error: list[str] = []
     registered = _registered_class(name, found, start_error)
-    return _Prepared(name, registered, kwargs, start_error)
+    return _Prepared(name, registered, kwargs, start_error, required)
 
 
 def start_plugins(runtime: Runtime, config: Config) -> list[str]:
@@ -565,7 +577,7 @@ def _start_one(runtime: Runtime, plugin: _Prepared) -> bool:
         _left_out(plugin.name, f"an actor named {plugin.name} is already running")
         return False
     try:
-        runtime.add(plugin.cls, plugin.kwargs)
+        runtime.add(plugin.cls, plugin.kwargs, essential=plugin.required)
     except Exception as exc:
         # ``add`` forgets an actor whose on_start raised, but keeps the name
         # registered when the constructor itself raised: forget it here.

@@ -17,8 +17,10 @@ Supervision: when an actor crashes, ``arc.actor.Actor`` stops it and calls
 back-off that doubles with each crash in the window. More than
 ``MAX_RESTARTS`` crashes within ``RESTART_WINDOW_S`` and the actor is marked
 failed: the runtime reports it and asks the process to stop cleanly (exit
-status 1). Meanwhile the other actors keep working; asks to the crashed
-actor get ``Busy`` and tells to it are dropped with a WARNING.
+status 1), unless the actor was added as not ``essential`` (a plugin not
+marked ``required``): that one is left stopped and the process goes on.
+Meanwhile the other actors keep working; asks to the crashed actor get
+``Busy`` and tells to it are dropped with a WARNING.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class _Slot:
     restarts: int = 0
     started_once: bool = False
     crashes: list[float] = field(default_factory=list)
+    # False: after a crash storm the actor is given up on, not the process.
+    essential: bool = True
 
 
 def start_order(classes: Sequence[type[Actor]]) -> list[type[Actor]]:
@@ -150,9 +154,19 @@ class Runtime:
             kwargs = (extra_kwargs or {}).get(cls.name, {})
             self.add(cls, kwargs)
 
-    def add(self, cls: type[Actor], kwargs: dict[str, Any] | None = None) -> None:
-        """Start one more actor (a plugin, say) once the others run."""
-        slot = _Slot(cls=cls, kwargs=dict(kwargs or {}))
+    def add(
+        self,
+        cls: type[Actor],
+        kwargs: dict[str, Any] | None = None,
+        *,
+        essential: bool = True,
+    ) -> None:
+        """Start one more actor (a plugin, say) once the others run.
+
+        An actor that is not ``essential`` is given up on after a crash storm
+        (left stopped, marked failed) while the rest of Arcology goes on.
+        """
+        slot = _Slot(cls=cls, kwargs=dict(kwargs or {}), essential=essential)
         with self._lock:
             if cls.name in self._slots:
                 raise ConfigError(f"an actor named {cls.name!r} is already running")
@@ -263,6 +277,16 @@ class Runtime:
                 slot.crashes = [t for t in slot.crashes if now - t < RESTART_WINDOW_S]
                 slot.crashes.append(now)
                 attempts = len(slot.crashes)
+            if attempts > MAX_RESTARTS and not slot.essential:
+                slot.state = "failed"
+                log.error(
+                    "actor given up: crashed {n} times in {w:.0f} s; Arcology goes "
+                    "on without it name={name}",
+                    n=attempts,
+                    w=RESTART_WINDOW_S,
+                    name=name,
+                )
+                continue
             if attempts > MAX_RESTARTS:
                 slot.state = "failed"
                 self.failed = name

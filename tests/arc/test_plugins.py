@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import shutil
@@ -18,10 +19,11 @@ import pytest
 
 from actors.cryptosaur import Cryptosaur
 from actors.esper import Esper
+from arc import runtime as runtime_module
 from arc.actor import Actor, verb
 from arc.config import Config
-from arc.errors import ConfigError, Internal, NotFound
-from arc.plugins import Plugin, parse_options, start_plugins
+from arc.errors import ArcError, ConfigError, Internal, NotFound
+from arc.plugins import Plugin, parse_options, prepare_plugin, start_plugins
 from arc.runtime import Runtime
 from arc.testing import running
 from tests.certs import make_chain
@@ -286,6 +288,37 @@ def test_a_plugin_that_crashes_later_is_restarted_with_the_same_options(
 
     assert back
     assert restarts == {"Cryptosaur": 0, "fragile": 1}
+
+
+@pytest.mark.parametrize(
+    ("required", "stops"), [("", False), ("required = true\n", True)]
+)
+def test_a_plugin_in_a_crash_storm_is_given_up_unless_it_is_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, required: str, stops: bool
+) -> None:
+    monkeypatch.setattr(runtime_module, "MAX_RESTARTS", 2)
+    monkeypatch.setattr(runtime_module, "FIRST_BACKOFF_S", 0.01)
+    config = config_in(
+        tmp_path,
+        '[plugins.fragile]\nactor = "tests.arc.test_plugins:CrashesOnAsk"\n'
+        'label = "kept"\n' + required,
+    )
+
+    with running([Cryptosaur], config) as rt:
+        start_plugins(rt, config)
+
+        def done() -> bool:
+            with contextlib.suppress(ArcError):
+                rt.request("fragile.crash", timeout=1)
+            states = {a["name"]: a["state"] for a in rt.status()["actors"]}
+            return rt.stopping.is_set() or states["fragile"] == "failed"
+
+        assert wait_for(done, 10)
+        stopping = rt.stopping.is_set()
+        core = rt.ask("Cryptosaur", "listCertificates", {}) if not stopping else []
+
+    assert stopping is stops
+    assert core == []
 
 
 class ServesThenCrashes(Plugin):
@@ -554,6 +587,17 @@ def test_a_refused_option_names_plugin_field_expectation_and_what_came(
 
     assert caught.value.message.startswith("arcology.toml: [plugins.demo]: ")
     assert message in caught.value.message
+
+
+def test_required_must_be_a_boolean(tmp_path: Path) -> None:
+    config = config_in(
+        tmp_path,
+        '[plugins.fragile]\nactor = "tests.arc.test_plugins:CrashesOnAsk"\n'
+        'required = "yes"\n',
+    )
+
+    with pytest.raises(ConfigError, match="required must be true or false"):
+        prepare_plugin("fragile", config.plugins["fragile"], config)
 
 
 def test_a_plain_actor_plugin_takes_no_options(

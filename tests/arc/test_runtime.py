@@ -76,6 +76,18 @@ class Watcher(Actor):
         return list(self.seen)
 
 
+class Flaky(Actor):
+    name = "Flaky"
+
+    @verb("crash")
+    def crash(self, payload: Any) -> Any:
+        raise RuntimeError("boom on purpose")
+
+    @verb("ping")
+    def ping(self, payload: Any) -> Any:
+        return "pong"
+
+
 class FailsToStart(Actor):
     name = "FailsToStart"
 
@@ -207,6 +219,39 @@ def test_an_actor_that_keeps_crashing_is_reported_failed_and_stops_the_system(
 
         assert rt.stopping.is_set()
         assert rt.failed == "Store"
+
+
+def test_an_actor_added_as_not_essential_is_given_up_and_the_system_goes_on(
+    config: Config, monkeypatch: pytest.MonkeyPatch, logs: list[Any]
+) -> None:
+    monkeypatch.setattr(runtime_module, "MAX_RESTARTS", 2)
+    monkeypatch.setattr(runtime_module, "FIRST_BACKOFF_S", 0.01)
+    with running([Store], config) as rt:
+        rt.add(Flaky, essential=False)
+
+        def state() -> str:
+            return str(
+                next(a["state"] for a in rt.status()["actors"] if a["name"] == "Flaky")
+            )
+
+        deadline = time.monotonic() + 10
+        while state() != "failed" and time.monotonic() < deadline:
+            try:
+                rt.ask("Flaky", "crash", {}, timeout=1)
+            except (Internal, Busy):
+                time.sleep(0.01)
+        time.sleep(0.2)  # nothing restarts it any more
+
+        final = state()
+        stopping = rt.stopping.is_set()
+        with pytest.raises(Busy):
+            rt.ask("Flaky", "ping", {}, timeout=1)
+        stored = rt.ask("Store", "put", {"key": "still", "value": 1})
+
+    assert final == "failed"
+    assert not stopping and rt.failed is None
+    assert stored == {"stored": "still"}
+    assert any("actor given up" in r["message"] for r in logs)
 
 
 def test_an_actor_that_fails_to_start_is_refused(config: Config) -> None:
