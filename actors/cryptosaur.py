@@ -19,7 +19,9 @@ Verbs (payloads are msgpack maps; datetimes are ISO 8601 UTC strings):
   forward it, so a private key never leaves the process.
 - ``deleteCertificate {domain}`` -> ``{deleted: [domains]}``: the certificate
   stored for exactly that domain, with every domain that points at it.
-- ``listCertificates {}`` -> one summary per domain, with ``days_left``.
+- ``listCertificates {}`` -> one summary per domain, with ``days_left``;
+  ``domains`` names at most ``MAX_LISTED_DOMAINS`` of the certificate's
+  domains, ``domains_total`` counts them.
 - ``showCertificate {domain}`` -> the summary of the certificate serving the
   domain (exact then wildcard) and its ``chain`` as ``[{subject, issuer,
   not_after}]``; never the key.
@@ -67,6 +69,8 @@ from arc.store import Store, lookup, open_store
 
 CHANGED = "Cryptosaur.certificateChanged"
 EXPIRY_CHECK_INTERVAL_S = 86_400.0
+# Domains of its certificate that each listCertificates row names.
+MAX_LISTED_DOMAINS = 20
 # How long change records are kept: a node or worker away for longer than
 # this catches up by dropping every cached context instead of replaying.
 CHANGES_KEPT_DAYS = 7
@@ -236,7 +240,13 @@ class Cryptosaur(Actor):
 
     @verb("listCertificates")
     def list_certificates(self, payload: Any) -> Any:
-        """Every stored domain's summary, with days left."""
+        """Every stored domain's summary, with days left.
+
+        Each row names at most ``MAX_LISTED_DOMAINS`` of its certificate's
+        domains (``domains_total`` counts them all): a bundle for N domains
+        has N rows, and repeating all N names in each would make the answer
+        grow as N squared. ``showCertificate`` gives the whole list.
+        """
         _fields(payload, "listCertificates", set())
         now = dt.datetime.now(dt.UTC)
         rows = self._store().list()
@@ -244,6 +254,10 @@ class Cryptosaur(Actor):
             row["days_left"] = days_left(
                 dt.datetime.fromisoformat(row["not_after"]), now
             )
+            domains = row["domains"]
+            row["domains_total"] = len(domains)
+            if len(domains) > MAX_LISTED_DOMAINS:
+                row["domains"] = domains[:MAX_LISTED_DOMAINS]
         return rows
 
     @verb("showCertificate")

@@ -25,7 +25,12 @@ CERTIFICATE_FIELDS = (
     "key_type",
 )
 # The stable fields of `ai1 list --json`, in order.
-LIST_FIELDS = (*CERTIFICATE_FIELDS, "days_left")
+LIST_FIELDS = (
+    *CERTIFICATE_FIELDS[:2],
+    "domains_total",
+    *CERTIFICATE_FIELDS[2:],
+    "days_left",
+)
 # The stable fields of `ai1 show --json`; "chain" holds CHAIN_FIELDS each.
 SHOW_FIELDS = (
     *CERTIFICATE_FIELDS,
@@ -99,6 +104,8 @@ def certificate_json(row: dict[str, Any]) -> dict[str, Any]:
     out = _pick(row, LIST_FIELDS)
     if out["domains"] is None and out["domain"] is not None:
         out["domains"] = [out["domain"]]
+    if out["domains_total"] is None and out["domains"] is not None:
+        out["domains_total"] = len(out["domains"])
     out["days_left"] = _days_left(row)
     return out
 

@@ -19,7 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from actors.cryptosaur import CHANGED, CHANGES_KEPT_DAYS, Cryptosaur
+from actors.cryptosaur import (
+    CHANGED,
+    CHANGES_KEPT_DAYS,
+    MAX_LISTED_DOMAINS,
+    Cryptosaur,
+)
 from arc.bundle import parse_bundle
 from arc.config import Config
 from arc.errors import BadInput, NotFound
@@ -488,3 +493,18 @@ def test_prune_changes_deletes_records_older_than_a_week_only(
 def test_prune_changes_refuses_fields(runtime: Runtime) -> None:
     with pytest.raises(BadInput, match="pruneChanges: unknown field"):
         ask(runtime, "pruneChanges", {"days": 1})
+
+
+def test_list_rows_name_a_bounded_part_of_a_large_bundle_and_count_it_all(
+    runtime: Runtime,
+) -> None:
+    names = [f"site-{i:03d}.example.com" for i in range(MAX_LISTED_DOMAINS + 30)]
+    ask(runtime, "setCertificate", {"bundle": make_chain(*names).bundle()})
+
+    rows = ask(runtime, "listCertificates", {})
+    shown = ask(runtime, "showCertificate", {"domain": names[-1]})
+
+    assert [row["domain"] for row in rows] == sorted(names)
+    assert all(row["domains_total"] == len(names) for row in rows)
+    assert all(row["domains"] == sorted(names)[:MAX_LISTED_DOMAINS] for row in rows)
+    assert shown["domains"] == sorted(names)
