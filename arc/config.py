@@ -56,6 +56,7 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
+    shutdown_grace_s: float = 10.0
     local_ca: bool = False
 
 
@@ -74,6 +75,7 @@ LIVE_SETTINGS = frozenset(
         "max_body_bytes",
         "header_timeout_s",
         "body_timeout_s",
+        "shutdown_grace_s",
     }
 )
 
@@ -301,6 +303,7 @@ class _Parser:
             ("max_body_bytes", True, 0),
             ("header_timeout_s", False, 0.1),
             ("body_timeout_s", False, 0.1),
+            ("shutdown_grace_s", False, 0),
         ):
             if name in raw:
                 values[name] = self.number(

@@ -30,6 +30,8 @@ T = TypeVar("T")
 ASGIApp = Callable[..., Any]
 
 STOP_TIMEOUT_S = 10.0
+# How often a drain looks whether the last connections are gone.
+DRAIN_POLL_S = 0.05
 log = logger.bind(actor="dataplane")
 
 
@@ -58,6 +60,12 @@ class DataPlane:
         # Answers by status class (index 1 to 5 for 1xx to 5xx); written only
         # on the loop thread, read whole by Esper's status.
         self.answers_by_class = [0] * 6
+        # For a graceful stop (drain_connections): the listeners accepting
+        # on this loop, the HTTP connections open on it, and whether it is
+        # draining (every connection then closes after its answer).
+        self.listeners: set[Any] = set()
+        self.connections: set[Any] = set()
+        self.draining = False
         self._routes: RoutingTable | None = None
         self._thread = threading.Thread(
             target=self._run, name="arc-dataplane", daemon=True
@@ -87,6 +95,47 @@ class DataPlane:
             self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+    def drain_connections(self, grace_s: float) -> int:
+        """Stop accepting and let requests in progress finish, within ``grace_s``.
+
+        Call from another thread before ``stop``. Listeners close; idle
+        connections close at once, busy ones after their answer (WebSockets
+        get ``1001 going away``). Returns how many connections were still
+        open when the grace period ended (``stop`` then cuts them).
+        """
+        if not self._thread.is_alive():
+            return 0
+        try:
+            return self.run(self._drain_connections(grace_s), grace_s + 5.0)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            return len(self.connections)
+
+    async def _drain_connections(self, grace_s: float) -> int:
+        self.draining = True
+        for listener in list(self.listeners):
+            listener.close()
+        if not self.connections:
+            return 0
+        log.info(
+            "draining connections open={n} grace_s={g}",
+            n=len(self.connections),
+            g=grace_s,
+        )
+        for connection in list(self.connections):
+            connection.shut_down()
+        deadline = self.loop.time() + grace_s
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.connections:
+            log.warning(
+                "connections cut after the grace period count={n} grace_s={g}",
+                n=len(self.connections),
+                g=grace_s,
+            )
+        else:
+            log.info("connections drained")
+        return len(self.connections)
 
     def stop(self) -> None:
         """Stop the loop and wait for its thread to end."""

@@ -181,8 +181,15 @@ class Runtime:
             raise ConfigError(f"actor {cls.name} failed to start; see the log above")
 
     def stop(self) -> None:
-        """Stop every actor in reverse start order, then the data plane."""
+        """Stop every actor in reverse start order, then the data plane.
+
+        First the data plane drains: no new connections, and requests in
+        progress get up to ``shutdown_grace_s`` to finish while every actor
+        (and the applications they run) still serves them.
+        """
         self.stopping.set()
+        if self._dataplane is not None:
+            self._dataplane.drain_connections(self.config.arcology.shutdown_grace_s)
         with self._lock:
             names = list(reversed(self._order))
         for name in names:

@@ -410,8 +410,9 @@ class Exchange:
         try:
             await app(scope, self.receive, self.send)
         except asyncio.CancelledError:
-            # The data plane is stopping: no answer is coming.
-            self._fail()
+            # The data plane is stopping (the grace period is over): no
+            # answer is coming, and the client is told the service stopped.
+            self._fail(503)
             raise
         except Exception as exc:
             if not self.disconnected:
@@ -434,8 +435,8 @@ class Exchange:
         finally:
             self.conn.finish(self)
 
-    def _fail(self) -> None:
-        # Answer 500 while nothing was sent; otherwise the framing is lost.
+    def _fail(self, status: int = 500) -> None:
+        # Answer ``status`` while nothing was sent; else the framing is lost.
         if self.response_done:
             return
         if self.response_started or self.disconnected or self.conn.closed:
@@ -444,14 +445,14 @@ class Exchange:
             self.conn.abort()
             return
         self._head = None
-        self.status = 500
+        self.status = status
         self.response_started = True
         self.response_done = True
         self.keep_alive = False
-        body = error_body(500)
+        body = error_body(status)
         self.sent_bytes = len(body)
         self.conn.write(
-            status_line(500)
+            status_line(status)
             + b"content-type: text/plain; charset=utf-8\r\n"
             + b"content-length: %d\r\nconnection: close\r\n" % len(body)
             + date_header()
@@ -471,18 +472,31 @@ class Lifespan:
         self._to_app: asyncio.Queue[Message] | None = None
         self._from_app: asyncio.Queue[Message] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._answered = False
+
+    async def _send(self, message: Message) -> None:
+        assert self._from_app is not None
+        self._answered = True
+        await self._from_app.put(message)
 
     async def _run(self) -> None:
         assert self._to_app is not None and self._from_app is not None
         scope: Scope = {"type": "lifespan", "asgi": ASGI_VERSION, "state": self.state}
         try:
-            await self.app(scope, self._to_app.get, self._from_app.put)
+            await self.app(scope, self._to_app.get, self._send)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self.supported = False
             log.debug("lifespan not supported service={} error={!r}", self.name, exc)
             await self._from_app.put({"type": "lifespan.unsupported"})
+        else:
+            if not self._answered:
+                # Returning at once is how many applications say they have
+                # no lifespan (ASGI lifespan spec).
+                self.supported = False
+                log.debug("lifespan not supported service={} (returned)", self.name)
+                await self._from_app.put({"type": "lifespan.unsupported"})
 
     async def startup(self) -> None:
         """Run startup; raise ``ConfigError`` with the app's message if it fails."""
@@ -505,6 +519,8 @@ class Lifespan:
         """Run shutdown (a failure is logged, never raised)."""
         if not self.supported or self._to_app is None or self._from_app is None:
             return
+        if self._task is not None and self._task.done():
+            return  # it returned after its startup: nothing waits to shut down
         await self._to_app.put({"type": "lifespan.shutdown"})
         try:
             answer = await asyncio.wait_for(self._from_app.get(), LIFESPAN_TIMEOUT_S)

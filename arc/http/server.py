@@ -43,6 +43,9 @@ deadline (set at ``connection_made``) waits on a ``_HeaderClock`` shared by
 the loop's connections instead of a timer of its own, so a short connection
 makes no loop timer at all.
 
+Stopping: ``DataPlane.drain_connections`` calls ``shut_down`` on every open
+connection: an idle one closes at once, a busy one after its answer.
+
 Flow control: reading pauses while requests wait behind the active one,
 while more than ``BODY_HIGH_WATER_BYTES`` of body waits for the application,
 and while the transport's write buffer is above its high mark (a client that
@@ -197,6 +200,7 @@ class HttpProtocol(asyncio.Protocol):
         """Start the header clock: a client that sends nothing gets 408."""
         # uvloop's transports are not asyncio.Transport subclasses; same API.
         self.transport = cast(asyncio.Transport, transport)
+        self.dataplane.connections.add(self)
         stats = self.connection_stats
         if stats is not None:
             stats.connections_open += 1
@@ -270,6 +274,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Tell every exchange the client is gone; stop the timer."""
+        self.dataplane.connections.discard(self)
         stats = self.connection_stats
         if stats is not None:
             stats.connections_open -= 1
@@ -538,6 +543,18 @@ class HttpProtocol(asyncio.Protocol):
             ex.response_started = ex.response_done = True
             self.finish(ex)
 
+    def shut_down(self) -> None:
+        """Arcology is stopping: close now if idle, else after the answer.
+
+        An exchange being answered (or whose body is still arriving) goes on;
+        ``finish`` closes the connection after it, since the data plane is
+        draining. A WebSocket is closed with ``1001 going away``.
+        """
+        if self._websocket is not None:
+            self._websocket.going_away()
+        elif self._active is None and not self._queue and self._parsing is None:
+            self._close()
+
     # -- what a WebSocket session needs beyond the Connection interface ------
 
     def pause_reading(self) -> None:
@@ -671,7 +688,12 @@ class HttpProtocol(asyncio.Protocol):
             self.dataplane.answers_by_class[ex.status // 100] += 1
         if self.access_log:
             self._log_access(ex)
-        if not ex.keep_alive or not ex.complete_length or self.closed:
+        if (
+            not ex.keep_alive
+            or not ex.complete_length
+            or self.closed
+            or self.dataplane.draining
+        ):
             self._close()
             return
         if not self._advancing:

@@ -74,6 +74,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 QUEUE_HIGH_WATER = 64
 # Close codes (RFC 6455 7.4.1).
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 CLOSE_ABNORMAL = 1006
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
@@ -214,6 +215,13 @@ class WebSocketSession:
         if len(self._queue) > QUEUE_HIGH_WATER and not self._paused:
             self._paused = True
             self.conn.pause_reading()
+
+    def going_away(self) -> None:
+        """Arcology is stopping: close with 1001, or refuse a pending handshake."""
+        if self.accepted:
+            self._close_frames(CLOSE_GOING_AWAY, "server stopping")
+        else:
+            self._refuse(503)
 
     # -- the application's side -----------------------------------------------
 

@@ -130,6 +130,8 @@ class Plane(Protocol):
     """What the accept path needs from the data plane."""
 
     loop: asyncio.AbstractEventLoop
+    # Every listener registers here while it accepts (for a graceful stop).
+    listeners: set[Any]
 
     @property
     def routes(self) -> RoutingTable: ...
@@ -356,6 +358,7 @@ class TlsListener:
 
     async def start(self) -> None:
         """Start accepting; run on the loop."""
+        self.plane.listeners.add(self)
         for sock in self.sockets:
             # The kernel completes accept only once the client has sent
             # something (its ClientHello), so the first read finds it.
@@ -370,6 +373,7 @@ class TlsListener:
         if self._closed:
             return
         self._closed = True
+        self.plane.listeners.discard(self)
         for server in self._servers:
             server.close()
         self._servers.clear()
@@ -617,6 +621,7 @@ class PlainListener:
 
     async def start(self) -> None:
         """Start serving; run on the loop."""
+        self.plane.listeners.add(self)
         factory = self.stats.counted(
             self.plane.http_protocol_factory(
                 port=self.port, scheme="http", tls_domain=None
@@ -630,6 +635,7 @@ class PlainListener:
 
     def close(self) -> None:
         """Stop accepting; open connections carry on. Call on the loop."""
+        self.plane.listeners.discard(self)
         for server in self._servers:
             server.close()
         self._servers.clear()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import threading
+import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,3 +132,97 @@ def test_a_fresh_clone_starts_with_scripts_run(tmp_path: Path) -> None:
     assert page.read() == b"hello from the site\n"
     assert process.returncode == 0, output
     assert (clone / ".venv" / "bin" / "arcology").exists()
+
+
+SLOW_APP = """
+import asyncio
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await asyncio.sleep(float(scope["path"].strip("/") or "0"))
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"finished"})
+"""
+
+
+def slow_app_config(tmp_path: Path, admin_port: int, http_port: int, grace: str) -> str:
+    (tmp_path / "arc_slow_app.py").write_text(SLOW_APP)
+    return f"""
+        [arcology]
+        admin = "127.0.0.1:{admin_port}"
+        bind = ["127.0.0.1"]
+        shutdown_grace_s = {grace}
+
+        [[services]]
+        name = "slow"
+        hosts = ["localhost"]
+        port = {http_port}
+        app = "arc_slow_app:app"
+        """
+
+
+def get_later(port: int, path: str, answers: list[Any]) -> threading.Thread:
+    def ask() -> None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", path, headers={"Host": "localhost"})
+            response = conn.getresponse()
+            answers.append((response.status, response.read()))
+        except OSError as exc:
+            answers.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    return thread
+
+
+def test_sigterm_lets_a_request_in_progress_finish_and_closes_idle_connections(
+    tmp_path: Path,
+) -> None:
+    http_port, admin_port = free_port(), free_port()
+    server = ArcologyProcess(
+        tmp_path, slow_app_config(tmp_path, admin_port, http_port, "10")
+    ).start()
+    wait_port(http_port)
+    idle = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+    idle.request("GET", "/0", headers={"Host": "localhost"})
+    assert idle.getresponse().read() == b"finished"  # kept alive, now idle
+    answers: list[Any] = []
+    busy = get_later(http_port, "/1.5", answers)
+    time.sleep(0.5)  # the slow request is in progress
+
+    started = time.monotonic()
+    status = server.stop(signal.SIGTERM)
+    took = time.monotonic() - started
+    busy.join(10)
+
+    assert status == 0
+    assert answers == [(200, b"finished")]
+    assert took < 5.0
+    log = server.log()
+    assert "draining connections open=2" in log
+    assert "connections drained" in log
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", http_port), timeout=1)
+
+
+def test_a_request_longer_than_the_grace_period_is_cut(tmp_path: Path) -> None:
+    http_port, admin_port = free_port(), free_port()
+    server = ArcologyProcess(
+        tmp_path, slow_app_config(tmp_path, admin_port, http_port, "0.5")
+    ).start()
+    wait_port(http_port)
+    answers: list[Any] = []
+    busy = get_later(http_port, "/30", answers)
+    time.sleep(0.5)
+
+    started = time.monotonic()
+    status = server.stop(signal.SIGTERM)
+    took = time.monotonic() - started
+    busy.join(10)
+
+    assert status == 0
+    assert took < 5.0
+    assert answers == [(503, b"503 service unavailable\n")]
+    assert "connections cut after the grace period count=1" in server.log()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -183,6 +184,25 @@ def test_an_app_without_lifespan_support_still_starts() -> None:
     asyncio.run(life.startup())
 
     assert life.supported is False
+
+
+def test_an_app_that_returns_at_once_for_lifespan_starts_without_waiting() -> None:
+    async def plain_only(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+
+    life = Lifespan(plain_only, "plain")
+
+    async def start_and_stop() -> float:
+        started = time.monotonic()
+        await life.startup()
+        await life.shutdown()
+        return time.monotonic() - started
+
+    took = asyncio.run(start_and_stop())
+
+    assert life.supported is False
+    assert took < 1.0
 
 
 def test_lifespan_shutdown_runs_the_app_shutdown() -> None:

@@ -7,6 +7,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,15 @@ def open_ws(port: int, path: str, *, tls: bool = False, **extra: Any) -> Any:
         close_timeout=5,
         **extra,
     )
+
+
+@contextmanager
+def greeted(port: int) -> Iterator[Any]:
+    """An echo WebSocket that has answered one message already."""
+    with open_ws(port, "/echo") as ws:
+        ws.send("hello")
+        assert ws.recv() == "echo hello"
+        yield ws
 
 
 def wait_for(key: str, timeout_s: float = 5.0) -> Any:
@@ -232,9 +242,7 @@ def test_a_client_that_leaves_is_a_disconnect_for_the_application(
 ) -> None:
     plain, _ = serve(plane, tmp_path)
 
-    with open_ws(plain, "/echo") as ws:
-        ws.send("hello")
-        assert ws.recv() == "echo hello"
+    with greeted(plain) as ws:
         # No close frame: the TCP connection just ends.
         ws.socket.shutdown(socket.SHUT_RDWR)
         code = wait_for("disconnect")
@@ -294,3 +302,17 @@ def test_many_clients_at_once_each_get_their_own_answers(
     assert sorted(results) == list(range(10))
     for number, got in results.items():
         assert got == [f"echo {number}-{i}" for i in range(20)]
+
+
+def test_stopping_closes_an_open_websocket_with_going_away(
+    plane: Plane, tmp_path: Path
+) -> None:
+    plain, _ = serve(plane, tmp_path)
+
+    with greeted(plain) as ws:
+        left = plane.dataplane.drain_connections(2.0)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv()
+
+    assert left == 0
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
