@@ -202,8 +202,8 @@ class _HelloReader(asyncio.BufferedProtocol):
     """
 
     __slots__ = (
+        "accepted_at",
         "choosing",
-        "deadline",
         "listener",
         "received",
         "refused",
@@ -216,7 +216,7 @@ class _HelloReader(asyncio.BufferedProtocol):
         self.received = b""
         self.choosing = False
         self.refused = False
-        self.deadline = 0.0
+        self.accepted_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same API.
@@ -285,8 +285,9 @@ class _HelloReader(asyncio.BufferedProtocol):
 class _HelloClock:
     """Closes connections whose ClientHello and context took too long.
 
-    Every deadline is accept time plus the same timeout, so they arrive in
-    order: a queue holds the readers, and one timer, armed for the oldest
+    Every deadline is accept time plus the one timeout in force, so they
+    come in accept order (a reload that changes the timeout moves them all
+    alike): a queue holds the readers, and one timer, armed for the oldest
     deadline plus ``CLOCK_SLACK_S``, serves them all. A reader that has
     moved on stays queued, small and inert, until its deadline passes.
     """
@@ -304,16 +305,22 @@ class _HelloClock:
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, reader: _HelloReader) -> None:
-        reader.deadline = self.loop.time() + self.timeout_s
+        reader.accepted_at = self.loop.time()
         self._readers.append(reader)
         if self._timer is None:
-            self._timer = self.loop.call_at(reader.deadline + CLOCK_SLACK_S, self._fire)
+            self._timer = self.loop.call_at(
+                self.deadline(reader) + CLOCK_SLACK_S, self._fire
+            )
+
+    def deadline(self, reader: _HelloReader) -> float:
+        """When ``reader``'s ClientHello and context must be done."""
+        return reader.accepted_at + self.timeout_s
 
     def _fire(self) -> None:
         self._timer = None
         now = self.loop.time()
         readers = self._readers
-        while readers and readers[0].deadline <= now:
+        while readers and self.deadline(readers[0]) <= now:
             reader = readers.popleft()
             if reader.transport is not None:
                 try:
@@ -322,7 +329,7 @@ class _HelloClock:
                     log.opt(exception=True).error("hello clock failed")
         if readers:
             self._timer = self.loop.call_at(
-                readers[0].deadline + CLOCK_SLACK_S, self._fire
+                self.deadline(readers[0]) + CLOCK_SLACK_S, self._fire
             )
 
 
@@ -431,7 +438,7 @@ class TlsListener:
         self, reader: _HelloReader, hello: ClientHello
     ) -> None:
         try:
-            entry = await self._choose(hello, reader.deadline)
+            entry = await self._choose(hello, self.clock.deadline(reader))
         except HandshakeRefused as exc:
             if reader.transport is not None:
                 self.stats.rejected += 1

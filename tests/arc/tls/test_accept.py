@@ -232,6 +232,70 @@ def test_a_fetch_slower_than_the_handshake_timeout_is_refused_with_internal_erro
     assert errors == []
 
 
+# Records a client might send right after its ClientHello: a
+# change_cipher_spec, which TLS 1.3 servers must drop (RFC 8446 5), and an
+# application_data record, which no server may accept before the handshake.
+COMPAT_CCS = bytes((0x14, 0x03, 0x03, 0x00, 0x01, 0x01))
+EARLY_DATA = bytes((0x17, 0x03, 0x03, 0x00, 0x05)) + b"hello"
+
+
+@pytest.mark.parametrize(
+    ("extra", "accepted"), [(COMPAT_CCS, True), (EARLY_DATA, False)]
+)
+def test_bytes_sent_while_the_context_is_fetched_reach_the_handshake(
+    tmp_path: Path, extra: bytes, accepted: bool
+) -> None:
+    with serving(tmp_path) as srv:
+        srv.store.add("late.example.com")
+        srv.store.delay_s = 0.3
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = srv.client_context().wrap_bio(
+            incoming, outgoing, server_hostname="late.example.com"
+        )
+        with pytest.raises(ssl.SSLWantReadError):
+            client.do_handshake()
+        hello = outgoing.read()
+
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(hello)
+            time.sleep(0.1)  # Esper is fetching the context now
+            raw.sendall(extra)
+            name = _finish_handshake(raw, client, incoming, outgoing)
+
+    # OpenSSL saw the bytes, in order, after the ClientHello: it dropped the
+    # first kind and refused the second.
+    assert name == ("late.example.com" if accepted else None)
+    assert srv.store.calls == ["late.example.com"]
+
+
+def _finish_handshake(
+    raw: socket.socket,
+    client: ssl.SSLObject,
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+) -> str | None:
+    """Drive a memory-BIO client over ``raw``: the certificate's common name,
+    or None when the server ended the handshake."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        data = raw.recv(65536)
+        if not data:
+            return None
+        incoming.write(data)
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            raw.sendall(outgoing.read())
+            continue
+        except ssl.SSLError:
+            return None
+        raw.sendall(outgoing.read())
+        cert = client.getpeercert()
+        subject = dict(item[0] for item in cert["subject"])
+        return str(subject["commonName"])
+    raise AssertionError("the handshake did not finish in time")
+
+
 def _try_connect(srv: Serving, name: str) -> None:
     srv.connect(name).close()
 
