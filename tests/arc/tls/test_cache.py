@@ -163,6 +163,27 @@ def test_the_least_recently_used_entry_is_evicted_at_the_bound(
     assert len(cache) == 2
 
 
+def test_a_smaller_size_from_a_reload_evicts_the_least_recently_used_at_once(
+    store: CryptosaurSource,
+) -> None:
+    for name in ("one.example", "two.example", "three.example"):
+        store.add(name)
+    cache = ContextCache(store.fetch, size=10)
+
+    async def scenario() -> None:
+        await cache.get("one.example")
+        await cache.get("two.example")
+        await cache.get("three.example")
+        await cache.get("one.example")
+
+    asyncio.run(scenario())
+    cache.configure(size=1, ttl_s=60.0, negative_ttl_s=1.0)
+
+    assert len(cache) == 1
+    assert cache.lookup("one.example") is not None
+    assert cache.counters()["evictions"] == 2
+
+
 def test_an_entry_is_fetched_again_after_its_ttl(store: CryptosaurSource) -> None:
     store.add("ttl.example")
     clock = Clock()
