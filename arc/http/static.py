@@ -22,6 +22,13 @@ What always holds:
 - A folder asked for without its trailing slash is redirected (301) to the
   slash form; with the slash, its ``index.html`` is served.
 
+Compression: a text-like file (``COMPRESSIBLE``) read inline, of at least
+``GZIP_MIN_BYTES``, is also kept gzip-compressed, compressed once per file
+version. A client whose ``Accept-Encoding`` accepts gzip gets that variant
+(``Content-Encoding: gzip``, its own strong ``ETag`` ending ``-gz``, since it
+is a different representation); both variants say ``Vary:
+Accept-Encoding``. A ``Range`` request is answered from the identity bytes.
+
 Reading: files up to ``INLINE_MAX_BYTES`` are read inline on the loop (one
 ``open`` and ``read`` of a small file costs a few microseconds, less than a
 thread hop) and kept in a small cache checked against ``stat`` on every
@@ -32,6 +39,8 @@ the loop.
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import mimetypes
 import os
 import stat as stat_mod
@@ -47,6 +56,20 @@ INLINE_MAX_BYTES = 64 * 1024
 CACHE_ENTRIES = 256
 # The size of each read when a large file is streamed.
 CHUNK_BYTES = 256 * 1024
+# Below this, gzip saves too little to be worth a header and a variant.
+GZIP_MIN_BYTES = 256
+# Types that compress well (the rest are compressed already, or binary).
+COMPRESSIBLE = frozenset(
+    {
+        "application/javascript",
+        "application/json",
+        "application/manifest+json",
+        "application/wasm",
+        "application/xml",
+        "image/svg+xml",
+        "text/javascript",
+    }
+)
 
 mimetypes.add_type("text/javascript", ".mjs")
 mimetypes.add_type("application/wasm", ".wasm")
@@ -160,6 +183,10 @@ class _Entry:
     content_type: bytes
     data: bytes | None
     full: StaticResponse
+    # The gzip variant and its validators (see the module docstring).
+    gzip_full: StaticResponse | None = None
+    gzip_etag: str = ""
+    gzip_common: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class StaticFiles:
@@ -252,13 +279,16 @@ class StaticFiles:
         entry = self._entry(real, st)
         if entry is None:
             return NOT_FOUND
+        gzip_ok = entry.gzip_full is not None and accepts_gzip(
+            headers.get(b"accept-encoding")
+        )
         if not headers or not (
             b"if-none-match" in headers
             or b"if-modified-since" in headers
             or b"range" in headers
         ):
-            return entry.full
-        return self._conditional(entry, st, headers)
+            return entry.gzip_full if gzip_ok and entry.gzip_full else entry.full
+        return self._conditional(entry, st, headers, gzip_ok)
 
     def _entry(self, real: str, st: os.stat_result) -> _Entry | None:
         # One cached entry per file version (inode, size, mtime).
@@ -279,7 +309,7 @@ class StaticFiles:
             "image/svg+xml",
         ):
             content_type += "; charset=utf-8"
-        common = (
+        common: tuple[tuple[bytes, bytes], ...] = (
             (b"etag", etag.encode()),
             (b"last-modified", last_modified.encode()),
             (b"accept-ranges", b"bytes"),
@@ -295,8 +325,30 @@ class StaticFiles:
             body: bytes | FileBody = data
         else:
             body = FileBody(real, 0, size)
+        gzip_body = _gzipped(data, content_type) if data is not None else None
+        if gzip_body is not None:
+            common = (*common, (b"vary", b"accept-encoding"))
         full = StaticResponse(200, ((b"content-type", ctype), *common), body)
         entry = _Entry(key, real, etag, last_modified, common, ctype, data, full)
+        if gzip_body is not None:
+            gzip_etag = etag[:-1] + '-gz"'
+            gzip_common = (
+                (b"etag", gzip_etag.encode()),
+                (b"last-modified", last_modified.encode()),
+                (b"vary", b"accept-encoding"),
+            )
+            gzip_full = StaticResponse(
+                200,
+                (
+                    (b"content-type", ctype),
+                    (b"content-encoding", b"gzip"),
+                    *gzip_common,
+                ),
+                gzip_body,
+            )
+            entry = dataclasses.replace(
+                entry, gzip_full=gzip_full, gzip_etag=gzip_etag, gzip_common=gzip_common
+            )
         if data is not None and len(data) != size:
             # It changed between stat and read: answer what was read, keep nothing.
             return entry
@@ -306,9 +358,20 @@ class StaticFiles:
         return entry
 
     def _conditional(
-        self, entry: _Entry, st: os.stat_result, headers: dict[bytes, bytes]
+        self,
+        entry: _Entry,
+        st: os.stat_result,
+        headers: dict[bytes, bytes],
+        gzip_ok: bool = False,
     ) -> StaticResponse:
-        etag, common, size = entry.etag, entry.common, st.st_size
+        # A range is cut from the identity bytes; otherwise the variant the
+        # client accepts is the one its validators are compared with.
+        range_value = headers.get(b"range")
+        variant = gzip_ok and range_value is None and entry.gzip_full is not None
+        full = entry.gzip_full if variant and entry.gzip_full else entry.full
+        etag = entry.gzip_etag if variant else entry.etag
+        common = entry.gzip_common if variant else entry.common
+        size = st.st_size
 
         # Conditional requests (RFC 9110 13.1): If-None-Match wins.
         if_none_match = headers.get(b"if-none-match")
@@ -322,9 +385,8 @@ class StaticFiles:
                 return StaticResponse(304, common)
 
         # Range (RFC 9110 14.2), unless If-Range names another version.
-        range_value = headers.get(b"range")
         if range_value is None:
-            return entry.full
+            return full
         if_range = headers.get(b"if-range")
         if if_range is not None and if_range.decode("latin-1") not in (
             etag,
@@ -349,6 +411,35 @@ class StaticFiles:
                 206, out, FileBody(entry.path, start, end - start + 1)
             )
         return StaticResponse(206, out, entry.data[start : end + 1])
+
+
+def accepts_gzip(value: bytes | None) -> bool:
+    """Whether an ``Accept-Encoding`` value accepts gzip (RFC 9110 12.5.3)."""
+    if not value:
+        return False
+    for item in value.lower().split(b","):
+        coding, _, params = item.partition(b";")
+        if coding.strip() not in (b"gzip", b"x-gzip", b"*"):
+            continue
+        quality = params.strip()
+        if quality.startswith(b"q="):
+            try:
+                return float(quality[2:]) > 0
+            except ValueError:
+                return False
+        return True
+    return False
+
+
+def _gzipped(data: bytes, content_type: str) -> bytes | None:
+    """``data`` gzip-compressed when its type compresses and it pays off."""
+    base = content_type.split(";", 1)[0].strip()
+    if len(data) < GZIP_MIN_BYTES or not (
+        base.startswith("text/") or base in COMPRESSIBLE
+    ):
+        return None
+    packed = gzip.compress(data, compresslevel=6, mtime=0)
+    return packed if len(packed) < len(data) * 0.9 else None
 
 
 def _not_modified_since(value: bytes, mtime: float) -> bool:

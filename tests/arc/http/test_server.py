@@ -260,37 +260,53 @@ def test_an_unknown_host_gets_404_and_keeps_the_connection(
     assert answer.endswith(b"hello world")
 
 
-def test_curl_follows_the_redirect_to_https(
-    plane: Plane, www: Path, tmp_path: Path
-) -> None:
-    plain, tls = shared(plane, www)
+def curl(tmp_path: Path, ports: list[int], *args: str) -> str:
+    """Run curl (quiet, bounded, trusting the test CA, HOST on loopback at
+    ``ports``) and return what it printed."""
     ca = tmp_path / "ca.pem"
     CA.cert_pem.write_to_path(str(ca))
-
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-L",
-            "--max-time",
-            "10",
-            "--cacert",
-            str(ca),
-            "--resolve",
-            f"{HOST}:{plain}:127.0.0.1",
-            "--resolve",
-            f"{HOST}:{tls}:127.0.0.1",
-            "-w",
-            "%{http_code} %{url_effective}",
-            f"http://{HOST}:{plain}/hello.txt",
-        ],
+    resolve = [arg for p in ports for arg in ("--resolve", f"{HOST}:{p}:127.0.0.1")]
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "--cacert", str(ca), *resolve, *args],
         capture_output=True,
         text=True,
         timeout=20,
         check=True,
     ).stdout
 
+
+def test_curl_follows_the_redirect_to_https(
+    plane: Plane, www: Path, tmp_path: Path
+) -> None:
+    plain, tls = shared(plane, www)
+
+    out = curl(
+        tmp_path,
+        [plain, tls],
+        "-L",
+        "-w",
+        "%{http_code} %{url_effective}",
+        f"http://{HOST}:{plain}/hello.txt",
+    )
+
     assert out == f"hello world200 https://{HOST}:{tls}/hello.txt"
+
+
+def test_curl_gets_a_text_file_gzipped_and_unpacks_it(
+    plane: Plane, www: Path, tmp_path: Path
+) -> None:
+    _plain, tls = shared(plane, www)
+    text = "Arcology serves many domains over TLS.\n" * 50
+    (www / "long.txt").write_text(text)
+
+    done = curl(
+        tmp_path, [tls], "--compressed", "-D", "-", f"https://{HOST}:{tls}/long.txt"
+    )
+
+    # text=True turned the CRLFs into newlines.
+    head, _, body = done.partition("\n\n")
+    assert "content-encoding: gzip" in head.lower()
+    assert body == text
 
 
 # -- limits -------------------------------------------------------------------

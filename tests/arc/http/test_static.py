@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 from email.utils import formatdate
 from pathlib import Path
@@ -197,3 +198,80 @@ def test_a_changed_file_is_read_again(root: Path) -> None:
     (root / "app.js").write_text("let b = 22;")
 
     assert get(files, b"/app.js").body == b"let b = 22;"
+
+
+# -- gzip ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def text_root(tmp_path: Path) -> Path:
+    www = tmp_path / "text"
+    www.mkdir()
+    (www / "page.html").write_text("<p>Arcology serves this page.</p>\n" * 40)
+    (www / "tiny.css").write_text("p{}")
+    (www / "photo.png").write_bytes(b"\x89PNG" + bytes(2000))
+    return www
+
+
+def test_a_text_file_is_served_gzipped_to_a_client_that_accepts_it(
+    text_root: Path,
+) -> None:
+    files = StaticFiles(text_root)
+    original = (text_root / "page.html").read_bytes()
+
+    packed = get(files, b"/page.html", accept_encoding="br, gzip;q=0.8")
+    plain = get(files, b"/page.html")
+
+    assert header(packed, b"content-encoding") == b"gzip"
+    assert isinstance(packed.body, bytes)
+    assert gzip.decompress(packed.body) == original
+    assert len(packed.body) < len(original) // 4
+    assert plain.body == original and header(plain, b"content-encoding") is None
+    assert header(packed, b"vary") == header(plain, b"vary") == b"accept-encoding"
+    etags = header(packed, b"etag"), header(plain, b"etag")
+    assert etags[0] is not None and etags[0].endswith(b'-gz"')
+    assert etags[0] != etags[1]
+
+
+@pytest.mark.parametrize("value", ["identity", "gzip;q=0", "deflate", "br"])
+def test_gzip_is_not_used_unless_accepted(text_root: Path, value: str) -> None:
+    answer = get(StaticFiles(text_root), b"/page.html", accept_encoding=value)
+
+    assert header(answer, b"content-encoding") is None
+
+
+@pytest.mark.parametrize("path", [b"/tiny.css", b"/photo.png"])
+def test_tiny_and_binary_files_are_never_gzipped(text_root: Path, path: bytes) -> None:
+    answer = get(StaticFiles(text_root), path, accept_encoding="gzip")
+
+    assert header(answer, b"content-encoding") is None
+    assert header(answer, b"vary") is None
+
+
+def test_each_variant_revalidates_against_its_own_etag(text_root: Path) -> None:
+    files = StaticFiles(text_root)
+    packed_tag = header(get(files, b"/page.html", accept_encoding="gzip"), b"etag")
+    plain_tag = header(get(files, b"/page.html"), b"etag")
+    assert packed_tag is not None and plain_tag is not None
+
+    same = get(
+        files, b"/page.html", accept_encoding="gzip", if_none_match=packed_tag.decode()
+    )
+    other = get(
+        files, b"/page.html", accept_encoding="gzip", if_none_match=plain_tag.decode()
+    )
+
+    assert same.status == 304 and header(same, b"etag") == packed_tag
+    assert other.status == 200 and header(other, b"content-encoding") == b"gzip"
+
+
+def test_a_range_is_cut_from_the_identity_bytes(text_root: Path) -> None:
+    original = (text_root / "page.html").read_bytes()
+
+    answer = get(
+        StaticFiles(text_root), b"/page.html", accept_encoding="gzip", range="bytes=0-9"
+    )
+
+    assert answer.status == 206
+    assert answer.body == original[:10]
+    assert header(answer, b"content-encoding") is None
