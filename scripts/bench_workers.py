@@ -9,9 +9,8 @@ Two servers, ``--workers 1`` and ``--workers 2``, each in its own temporary
 folder (SQLite store, one EC P-256 certificate, access log on as by
 default), run side by side and take turns, round by round:
 
-1. start ``arcology run --workers W --cpu-affinity auto`` (with two workers,
-   each is pinned to its own CPU; one worker runs alone, unpinned) and
-   upload the bundle with ``ai1``;
+1. start ``arcology run --workers W`` (the default placement: no CPU
+   affinity) and upload the bundle with ``ai1``;
 2. per round, client processes make ``--connections`` connections in all,
    each a full TLS 1.3 handshake with SNI plus one small HTTP request, then
    close;
@@ -134,8 +133,6 @@ class Server:
                 str(config),
                 "--workers",
                 str(workers),
-                "--cpu-affinity",
-                "auto",
             ],
             cwd=folder,
             stdout=subprocess.DEVNULL,
