@@ -40,10 +40,10 @@ stopped cleanly. Each worker also gets SIGTERM if the parent itself dies
 
 CPU affinity. With ``--cpu-affinity auto`` worker I is pinned, before it
 starts, to the I-th of the CPUs the parent may use (wrapping around when
-there are more workers than CPUs), as front ends commonly offer: a worker
-that stays on one core keeps its caches warm and is not moved between cores
-under load. The default, ``none``, leaves placement to the kernel, which
-suits machines shared with other work.
+there are more workers than CPUs), as front ends commonly offer: on a
+machine dedicated to Arcology, a worker that stays on one core is never
+moved between cores under load. The default, ``none``, leaves placement to
+the kernel, which suits machines shared with other work.
 
 Log lines of a worker end with ``worker=I`` so an operator (and a test) can
 tell which process said what; they go straight to the parent's stderr.
