@@ -30,6 +30,9 @@ Verbs (payloads are msgpack maps; datetimes are ISO 8601 UTC strings):
   runs at start and then once a day, sent by a ticker thread that stops in
   ``on_stop``.
 
+- ``resealKeys {}`` -> ``{resealed}``: seals every stored private key with
+  the first key of the master key file (a step of key rotation; see
+  ``arc.store.keys``).
 - ``pruneChanges {}`` -> ``{pruned}``: deletes the store's change records
   older than ``CHANGES_KEPT_DAYS`` (the newest always stays). The ticker
   sends it once a day. A process that was away for longer catches up by
@@ -324,6 +327,14 @@ class Cryptosaur(Actor):
                 s=MAX_EXPIRY_LINES,
             )
         return found
+
+    @verb("resealKeys")
+    def reseal_keys(self, payload: Any) -> Any:
+        """Seal every stored private key with the master key file's first key."""
+        _fields(payload, "resealKeys", set())
+        resealed = self._store().reseal()
+        self.log.info("private keys re-sealed count={n}", n=resealed)
+        return {"resealed": resealed}
 
     @verb("pruneChanges")
     def prune_changes(self, payload: Any) -> Any:

@@ -38,6 +38,8 @@ from arc.bundle import Bundle
 Domains = list[str]
 Summaries = list[dict[str, Any]]
 Changes = list[tuple[int, str]]
+# (fingerprint, sealed private key) rows, for re-sealing under a new key.
+SealedKeys = list[tuple[str, bytes]]
 
 # The columns of a certificate row in ``CertificateRecord`` order, for a
 # query that joins the certificates table as ``c``; ``record_from_row`` reads
@@ -147,6 +149,15 @@ class Backend(Protocol):
         """The highest sequence number ever pruned (0 for none)."""
         ...
 
+    def sealed_keys(self, after: str, limit: int) -> SealedKeys:
+        """(fingerprint, sealed key) of certificates after ``after``, in order."""
+        ...
+
+    def replace_sealed(self, rows: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Swap each (fingerprint, old sealed key, new sealed key) in one
+        transaction, where the old one is still in place; the count swapped."""
+        ...
+
     def get_meta(self, name: str) -> bytes | None:
         """A value the store keeps about itself (the master key check)."""
         ...
@@ -209,6 +220,10 @@ class Store(Protocol):
 
     def pruned_through(self) -> int:
         """The highest sequence number ever pruned (0 for none)."""
+        ...
+
+    def reseal(self) -> int:
+        """Seal every private key with the first master key; the count."""
         ...
 
     def close(self) -> None:

@@ -20,8 +20,14 @@ What always holds:
 - A key that is not the one the store was sealed with is detected at open
   through a sealed check value kept by the store (``check_value``).
 
-LIMITATION: there is no key rotation yet. Changing the key means exporting
-and uploading every bundle again into a fresh store.
+Rotation. The file may hold several keys, one per line: the first seals,
+the others only open what was sealed before (a sealed value does not say
+which key made it; AES-GCM's tag tells a wrong key at once). To rotate:
+add a new key as the *second* line on every node (they can now open what
+it will seal), move it to the first line on every node, call
+``Cryptosaur.resealKeys`` once (it re-seals every stored key with the first
+key, and the store's check value too), then drop the old line. Each step
+needs the nodes restarted (the file is read at start).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -54,10 +61,16 @@ class UnsealError(Exception):
 class MasterKey:
     """The AES-256-GCM key that seals private keys at rest."""
 
-    def __init__(self, key: bytes, path: Path | None = None) -> None:
-        if len(key) != KEY_BYTES:
-            raise ValueError(f"master key must be {KEY_BYTES} bytes, got {len(key)}")
+    def __init__(
+        self, key: bytes, path: Path | None = None, previous: Sequence[bytes] = ()
+    ) -> None:
+        for one in (key, *previous):
+            if len(one) != KEY_BYTES:
+                raise ValueError(
+                    f"master key must be {KEY_BYTES} bytes, got {len(one)}"
+                )
         self._aead = AESGCM(key)
+        self._previous = [AESGCM(one) for one in previous]
         self.path = path
 
     def __repr__(self) -> str:
@@ -66,12 +79,15 @@ class MasterKey:
     def seal(self, plaintext: bytes, fingerprint: str) -> bytes:
         """Encrypt a private key for the certificate with ``fingerprint``."""
         nonce = secrets.token_bytes(NONCE_BYTES)
-        aad = _KEY_AAD_PREFIX + fingerprint.encode("ascii")
-        return SEAL_VERSION + nonce + self._aead.encrypt(nonce, plaintext, aad)
+        return (
+            SEAL_VERSION
+            + nonce
+            + self._aead.encrypt(nonce, plaintext, _aad(fingerprint))
+        )
 
     def unseal(self, sealed: bytes, fingerprint: str) -> bytes:
         """Decrypt what ``seal`` made; ``UnsealError`` if it does not open."""
-        return self._open(sealed, _KEY_AAD_PREFIX + fingerprint.encode("ascii"))
+        return self._open(sealed, _aad(fingerprint))
 
     def check_value(self) -> bytes:
         """A sealed constant that the store keeps to recognise this key."""
@@ -83,20 +99,37 @@ class MasterKey:
         )
 
     def matches(self, check_value: bytes) -> bool:
-        """Whether ``check_value`` was made by this key."""
+        """Whether ``check_value`` was made by one of this file's keys."""
         try:
             return self._open(check_value, _CHECK_AAD) == _CHECK_PLAINTEXT
         except UnsealError:
             return False
 
-    def _open(self, sealed: bytes, aad: bytes) -> bytes:
+    def is_current(self, sealed: bytes, fingerprint: str | None = None) -> bool:
+        """Whether ``sealed`` opens with the first key (the check value when
+        ``fingerprint`` is None)."""
+        aad = _CHECK_AAD if fingerprint is None else _aad(fingerprint)
+        try:
+            self._open(sealed, aad, current_only=True)
+        except UnsealError:
+            return False
+        return True
+
+    def _open(self, sealed: bytes, aad: bytes, current_only: bool = False) -> bytes:
         head = len(SEAL_VERSION) + NONCE_BYTES
         if len(sealed) <= head or sealed[:1] != SEAL_VERSION:
             raise UnsealError("sealed value has an unknown format")
-        try:
-            return self._aead.decrypt(sealed[1:head], sealed[head:], aad)
-        except InvalidTag as exc:
-            raise UnsealError("sealed value does not open with this key") from exc
+        keys = [self._aead] if current_only else [self._aead, *self._previous]
+        for aead in keys:
+            try:
+                return aead.decrypt(sealed[1:head], sealed[head:], aad)
+            except InvalidTag:
+                continue
+        raise UnsealError("sealed value does not open with this key")
+
+
+def _aad(fingerprint: str) -> bytes:
+    return _KEY_AAD_PREFIX + fingerprint.encode("ascii")
 
 
 def load_master_key(path: Path, *, may_create: bool) -> MasterKey:
@@ -107,9 +140,12 @@ def load_master_key(path: Path, *, may_create: bool) -> MasterKey:
         may_create: True only when the store has never sealed a key, so a
             new key cannot orphan existing ones.
 
+    The first non-empty line is the key that seals; later lines are keys
+    that only open (see Rotation above).
+
     Raises:
-        ConfigError: the file is missing (and may not be created), unreadable
-            or not 64 hex digits.
+        ConfigError: the file is missing (and may not be created), unreadable,
+            or a line is not 64 hex digits.
     """
     if not path.exists():
         if not may_create:
@@ -123,23 +159,34 @@ def load_master_key(path: Path, *, may_create: bool) -> MasterKey:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"master key file {path} cannot be read ({exc})") from exc
-    text = raw.strip()
-    try:
-        key = bytes.fromhex(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        key = b""
-    if len(key) != KEY_BYTES:
+    keys: list[bytes] = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            key = bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            key = b""
+        if len(key) != KEY_BYTES:
+            raise ConfigError(
+                f"master key file {path}: line {number}: expected "
+                f"{KEY_BYTES * 2} hex digits (a 256-bit key), found "
+                f"{len(text)} characters that are not; restore the file from "
+                "your backup"
+            )
+        keys.append(key)
+    if not keys:
         raise ConfigError(
             f"master key file {path}: expected {KEY_BYTES * 2} hex digits (a "
-            f"256-bit key), found {len(raw)} bytes that are not; restore the "
-            "file from your backup"
+            "256-bit key), found none; restore the file from your backup"
         )
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         log.warning(
             "master key file is readable by others path={p} mode={m:o}", p=path, m=mode
         )
-    return MasterKey(key, path)
+    return MasterKey(keys[0], path, previous=keys[1:])
 
 
 def _create(path: Path) -> None:

@@ -45,7 +45,7 @@ import contextlib
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -60,6 +60,7 @@ from arc.store.base import (
     CertificateRecord,
     Changes,
     Domains,
+    SealedKeys,
     Summaries,
     expiring_from_rows,
     record_from_row,
@@ -331,6 +332,35 @@ class PostgresBackend:
         def work(conn: psycopg.Connection[Any]) -> int:
             row = conn.execute("SELECT MAX(seq) FROM arc_changes").fetchone()
             return int(row[0] or 0) if row else 0
+
+        return self._run(work)
+
+    def sealed_keys(self, after: str, limit: int) -> SealedKeys:
+        """(fingerprint, sealed key) of certificates after ``after``, in order."""
+
+        def work(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT fingerprint, key_sealed FROM arc_certificates "
+                "WHERE fingerprint > %s ORDER BY fingerprint LIMIT %s",
+                (after, limit),
+            ).fetchall()
+
+        return [(str(f), bytes(k)) for f, k in self._run(work)]
+
+    def replace_sealed(self, rows: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Swap sealed keys still in place, in one transaction; the count."""
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            swapped = 0
+            with _write_transaction(conn):
+                for fingerprint, old, new in rows:
+                    done = conn.execute(
+                        "UPDATE arc_certificates SET key_sealed = %s "
+                        "WHERE fingerprint = %s AND key_sealed = %s",
+                        (new, fingerprint, old),
+                    )
+                    swapped += done.rowcount
+            return swapped
 
         return self._run(work)
 

@@ -26,6 +26,8 @@ from arc.store.base import (
 from arc.store.keys import MasterKey, UnsealError
 
 MASTER_KEY_CHECK = "master_key_check"
+# Certificates re-sealed per transaction.
+RESEAL_BATCH = 500
 
 
 class SealedStore:
@@ -124,6 +126,45 @@ class SealedStore:
     def pruned_through(self) -> int:
         """The highest sequence number ever pruned (0 for none)."""
         return self.backend.pruned_through()
+
+    def reseal(self) -> int:
+        """Seal every stored private key with the first master key; the count.
+
+        Keys sealed with an older key of the file are opened and sealed
+        again, ``RESEAL_BATCH`` certificates per transaction; the check value
+        follows once all are done. A key no key of the file opens is left as
+        it is and reported (``Internal``) after the others are done.
+        """
+        done = 0
+        unopened: list[str] = []
+        after = ""
+        while True:
+            rows = self.backend.sealed_keys(after, RESEAL_BATCH)
+            if not rows:
+                break
+            after = rows[-1][0]
+            swaps = []
+            for fingerprint, sealed in rows:
+                if self._key.is_current(sealed, fingerprint):
+                    continue
+                try:
+                    plain = self._key.unseal(sealed, fingerprint)
+                except UnsealError:
+                    unopened.append(fingerprint)
+                    continue
+                swaps.append((fingerprint, sealed, self._key.seal(plain, fingerprint)))
+            if swaps:
+                done += self.backend.replace_sealed(swaps)
+        if unopened:
+            raise Internal(
+                f"re-sealing: {len(unopened)} private keys open with no key of the "
+                f"master key file (first fingerprints: {', '.join(unopened[:3])}); "
+                f"{done} were re-sealed"
+            )
+        check = self.backend.get_meta(MASTER_KEY_CHECK)
+        if check is None or not self._key.is_current(check):
+            self.backend.set_meta(MASTER_KEY_CHECK, self._key.check_value())
+        return done
 
     def close(self) -> None:
         """Close the backend."""

@@ -33,6 +33,7 @@ import os
 import sqlite3
 import stat
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from arc.bundle import iso_utc
@@ -43,6 +44,7 @@ from arc.store.base import (
     CertificateRecord,
     Changes,
     Domains,
+    SealedKeys,
     Summaries,
     expiring_from_rows,
     record_from_row,
@@ -248,6 +250,29 @@ class SqliteBackend:
         with self._lock:
             row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
         return int(row[0] or 0)
+
+    def sealed_keys(self, after: str, limit: int) -> SealedKeys:
+        """(fingerprint, sealed key) of certificates after ``after``, in order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT fingerprint, key_sealed FROM certificates "
+                "WHERE fingerprint > ? ORDER BY fingerprint LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [(str(f), bytes(k)) for f, k in rows]
+
+    def replace_sealed(self, rows: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Swap sealed keys still in place, in one transaction; the count."""
+        swapped = 0
+        with self._lock, self._transaction():
+            for fingerprint, old, new in rows:
+                done = self._db.execute(
+                    "UPDATE certificates SET key_sealed = ? "
+                    "WHERE fingerprint = ? AND key_sealed = ?",
+                    (new, fingerprint, old),
+                )
+                swapped += done.rowcount
+        return swapped
 
     def pruned_through(self) -> int:
         """The highest sequence number ever pruned (0 for none)."""

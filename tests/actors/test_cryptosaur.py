@@ -508,3 +508,13 @@ def test_list_rows_name_a_bounded_part_of_a_large_bundle_and_count_it_all(
     assert all(row["domains_total"] == len(names) for row in rows)
     assert all(row["domains"] == sorted(names)[:MAX_LISTED_DOMAINS] for row in rows)
     assert shown["domains"] == sorted(names)
+
+
+def test_reseal_keys_answers_how_many_it_resealed(runtime: Runtime) -> None:
+    ask(runtime, "setCertificate", {"bundle": make_chain("seal.example").bundle()})
+
+    answer = ask(runtime, "resealKeys", {})
+
+    assert answer == {"resealed": 0}  # already sealed with the first key
+    with pytest.raises(BadInput, match="resealKeys: unknown field"):
+        ask(runtime, "resealKeys", {"now": True})

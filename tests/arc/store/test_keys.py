@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -108,3 +109,32 @@ def test_the_master_key_never_shows_in_its_repr() -> None:
 
     assert bytes(range(32)).hex() not in repr(key)
     assert repr(key) == "MasterKey(path=/x/master.key)"
+
+
+def test_a_file_of_two_keys_seals_with_the_first_and_opens_with_both(
+    tmp_path: Path,
+) -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    sealed_before = MasterKey(old).seal(b"private", "ab12")
+    check_before = MasterKey(old).check_value()
+    path = tmp_path / "master.key"
+    path.write_text(f"{new.hex()}\n\n{old.hex()}\n")
+
+    key = load_master_key(path, may_create=False)
+    sealed_now = key.seal(b"private", "ab12")
+
+    assert key.unseal(sealed_before, "ab12") == b"private"
+    assert key.matches(check_before)
+    assert not key.is_current(sealed_before, "ab12")
+    assert key.is_current(sealed_now, "ab12")
+    assert MasterKey(new).unseal(sealed_now, "ab12") == b"private"
+    with pytest.raises(UnsealError):
+        MasterKey(old).unseal(sealed_now, "ab12")
+
+
+def test_a_bad_second_key_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    path.write_text(f"{os.urandom(32).hex()}\nnot-a-key\n")
+
+    with pytest.raises(ConfigError, match="line 2: expected 64 hex digits"):
+        load_master_key(path, may_create=False)

@@ -354,3 +354,9 @@ def test_the_store_works_over_tls_and_a_plain_connection_is_refused(
     assert found is not None and found.fingerprint == chain.fingerprint
     assert row == (True,)
     assert "no encryption" in refused.value.message
+
+
+def test_a_rotated_master_key_reseals_every_private_key_on_postgres(
+    pg_url: str, tmp_path: Path
+) -> None:
+    sqlite_tests.rotate_and_reseal(settings_for(tmp_path, pg_url))

@@ -512,3 +512,46 @@ def test_a_store_of_an_older_schema_is_migrated_on_open(data_dir: Path) -> None:
     assert db_rows(data_dir, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     indexes = db_rows(data_dir, "SELECT name FROM sqlite_master WHERE type = 'index'")
     assert ("certificates_by_not_after",) in indexes
+
+
+# -- master key rotation ------------------------------------------------------------
+
+
+def rotate_and_reseal(settings: Settings) -> None:
+    """Rotate the store's master key the documented way; check every step."""
+    chains = [make_chain(f"r{n}.example") for n in range(3)]
+    store = open_store(settings)
+    for chain in chains:
+        store.put(bundle_of(chain))
+    store.close()
+    key_file = settings.master_key_file
+    old, new = key_file.read_text().strip(), os.urandom(32).hex()
+
+    # A new first key, the old one after it: old keys still open.
+    key_file.write_text(f"{new}\n{old}\n")
+    store = open_store(settings)
+    opened = lookup(store, "r0.example")
+    late = make_chain("late.example")
+    store.put(bundle_of(late))  # sealed with the new key already
+    resealed = store.reseal()
+    again = store.reseal()
+    store.close()
+
+    # The old key gone: everything opens with the new one alone.
+    key_file.write_text(f"{new}\n")
+    store = open_store(settings)
+    keys = [lookup(store, f"r{n}.example") for n in range(3)]
+    late_key = lookup(store, "late.example")
+    store.close()
+    key_file.write_text(f"{old}\n")
+    with pytest.raises(ConfigError, match="does not open this certificate store"):
+        open_store(settings)
+
+    assert opened is not None and opened.key_pem == chains[0].key_pem
+    assert resealed == 3 and again == 0
+    assert [k.key_pem if k else None for k in keys] == [c.key_pem for c in chains]
+    assert late_key is not None and late_key.key_pem == late.key_pem
+
+
+def test_a_rotated_master_key_reseals_every_private_key(data_dir: Path) -> None:
+    rotate_and_reseal(settings_for(data_dir))
