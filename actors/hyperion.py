@@ -86,7 +86,7 @@ class Hyperion(Actor):
         for listener in status.get("listeners", []):
             if listener.get("owner") == self.name:
                 self._listeners[int(listener["port"])] = bool(listener["tls"])
-        self._apply(self.config)
+        self._apply(self.config, strict=True)
         if settings.local_ca:
             ensure_localhost(settings.data_dir, self._ask)
         self._check_certificates(self.config.services, only_new=False)
@@ -107,9 +107,11 @@ class Hyperion(Actor):
     def reload(self, payload: Any) -> dict[str, Any]:
         """Re-read the configuration file and put it in force.
 
-        Answers ``{opened, closed, unchanged, applied, restart_needed}``: the
-        listener ports, the ``[arcology]`` settings now in force, and those
-        (with ``plugins``) that keep their running values until a restart.
+        Answers ``{opened, closed, unchanged, failed, applied,
+        restart_needed}``: the listener ports (``failed`` lists the ports that
+        could not be opened, each with the reason), the ``[arcology]``
+        settings now in force, and those (with ``plugins``) that keep their
+        running values until a restart.
         """
         path = self.config.path
         loaded = load_config(path) if path is not None else self.config
@@ -125,7 +127,7 @@ class Hyperion(Actor):
         )
         config = replace(loaded, arcology=settings, plugins=self.config.plugins)
 
-        summary = self._apply(config)
+        summary = self._apply(config, strict=False)
         self.config = config
         _in_force[self.runtime] = config
         self.runtime.config = config
@@ -203,7 +205,7 @@ class Hyperion(Actor):
 
     # -- reconciling ----------------------------------------------------------
 
-    def _apply(self, config: Config) -> dict[str, Any]:
+    def _apply(self, config: Config, *, strict: bool) -> dict[str, Any]:
         # Check everything that can be refused before anything changes.
         services = config.services
         wanted = derive_listeners(services)
@@ -223,11 +225,12 @@ class Hyperion(Actor):
         )
         self.runtime.dataplane.install_routes(table)
 
-        # Listeners: open the new, close the unused, leave the rest alone.
-        # LIMITATION: a port Esper cannot open (in use) stops the reconcile
-        # there: the new table is in force, the ports done so far stay as
-        # they are, and the error answered names the port.
+        # Listeners: open the new, close the unused, leave the rest alone. At
+        # start a port that cannot be opened stops everything (``strict``);
+        # on a reload the others go on, and the answer names the ones that
+        # failed (the next reload tries them again).
         opened, closed, unchanged = [], [], []
+        failed: list[dict[str, Any]] = []
         for port, tls in sorted(self._listeners.items()):
             if wanted.get(port) != tls:
                 self.runtime.tell("Esper", "stopListener", {"port": port})
@@ -237,7 +240,18 @@ class Hyperion(Actor):
             if port in self._listeners:
                 unchanged.append(port)
                 continue
-            self._ask("Esper", "listen", {"port": port, "tls": tls, "owner": self.name})
+            try:
+                self._ask(
+                    "Esper", "listen", {"port": port, "tls": tls, "owner": self.name}
+                )
+            except ArcError as exc:
+                if strict:
+                    raise
+                self.log.warning(
+                    "listener not opened on reload port={} reason={}", port, exc.message
+                )
+                failed.append({"port": port, "reason": exc.message})
+                continue
             self._listeners[port] = tls
             opened.append(port)
 
@@ -245,7 +259,12 @@ class Hyperion(Actor):
         for spec in sorted(set(self._lifespans) - specs):
             self._stop_app(spec)
             self._apps.pop(spec, None)
-        return {"opened": opened, "closed": closed, "unchanged": unchanged}
+        return {
+            "opened": opened,
+            "closed": closed,
+            "unchanged": unchanged,
+            "failed": failed,
+        }
 
     def _start_app(self, spec: str, services: tuple[ServiceConfig, ...]) -> None:
         name = next((s.name for s in services if s.app == spec), spec)

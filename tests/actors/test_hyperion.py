@@ -179,12 +179,43 @@ def test_reload_opens_new_ports_closes_unused_ones_and_leaves_the_rest(
         "opened": [added],
         "closed": [dropped],
         "unchanged": [kept],
+        "failed": [],
         "applied": [],
         "restart_needed": [],
     }
     assert heard == [summary]
     assert still.status == 200
     assert new_port[:2] == (200, b"shop home")
+
+
+def test_a_port_in_use_fails_alone_on_reload_and_the_rest_is_applied(
+    tmp_path: Path,
+) -> None:
+    kept, taken, free = free_ports(3)
+    path = write_config(tmp_path, service("shop", [SHOP], kept, root="www"))
+    squatter = socket.create_server(("127.0.0.1", taken))
+
+    try:
+        with running(CORE, load_config(path)) as rt:
+            write_config(
+                tmp_path,
+                service("shop", [SHOP], kept, root="www"),
+                service("blog", ["blog.example.com"], taken, root="www"),
+                service("docs", ["docs.example.com"], free, root="www"),
+            )
+
+            summary = rt.ask("Hyperion", "reload", {})
+            served = get(free, "docs.example.com")[:2]
+            squatter.close()
+            retried = rt.ask("Hyperion", "reload", {})
+    finally:
+        squatter.close()
+
+    assert summary["opened"] == [free] and summary["unchanged"] == [kept]
+    assert [f["port"] for f in summary["failed"]] == [taken]
+    assert "in use" in summary["failed"][0]["reason"]
+    assert served == (200, b"shop home")
+    assert retried["opened"] == [taken] and retried["failed"] == []
 
 
 def test_a_refused_reload_changes_nothing(tmp_path: Path) -> None:
