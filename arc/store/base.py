@@ -40,6 +40,8 @@ Summaries = list[dict[str, Any]]
 Changes = list[tuple[int, str]]
 # (fingerprint, sealed private key) rows, for re-sealing under a new key.
 SealedKeys = list[tuple[str, bytes]]
+# The meta entry holding the highest change sequence number pruned.
+PRUNED_THROUGH = "changes_pruned_through"
 
 # The columns of a certificate row in ``CertificateRecord`` order, for a
 # query that joins the certificates table as ``c``; ``record_from_row`` reads

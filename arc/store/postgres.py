@@ -55,6 +55,7 @@ from loguru import logger
 from arc.bundle import iso_utc
 from arc.errors import Busy, ConfigError, Internal
 from arc.store.base import (
+    PRUNED_THROUGH,
     RECORD_COLUMNS,
     SUMMARY_COLUMNS,
     CertificateRecord,
@@ -70,8 +71,6 @@ from arc.store.base import (
 T = TypeVar("T")
 
 NOTIFY_CHANNEL = "arcology_changes"
-# The meta entry holding the highest change sequence number pruned.
-PRUNED_THROUGH = "changes_pruned_through"
 # Advisory lock keys (any two distinct 64-bit numbers; these spell "ARCSCHEM"
 # and "ARCWRITE" in ASCII, so they are recognisable in pg_locks).
 SCHEMA_LOCK = 0x4152435343484D

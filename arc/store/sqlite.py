@@ -39,6 +39,7 @@ from pathlib import Path
 from arc.bundle import iso_utc
 from arc.errors import ConfigError, Internal
 from arc.store.base import (
+    PRUNED_THROUGH,
     RECORD_COLUMNS,
     SUMMARY_COLUMNS,
     CertificateRecord,
@@ -92,8 +93,6 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["CREATE INDEX certificates_by_not_after ON certificates (not_after)"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
-# The meta entry holding the highest change sequence number pruned.
-PRUNED_THROUGH = "changes_pruned_through"
 
 
 def _text(moment: dt.datetime) -> str:
