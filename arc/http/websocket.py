@@ -171,7 +171,13 @@ class WebSocketSession:
         if self.disconnected:
             return
         if not self.accepted:
+            # Frames sent before the accept wait for it, within the same
+            # bound as one message.
             self._early += data
+            if len(self._early) > MAX_MESSAGE_BYTES:
+                self._early.clear()
+                self._disconnect(CLOSE_TOO_BIG)
+                self.conn.abort()
             return
         self.frames.receive_data(data)
         self._handle_events()
@@ -182,6 +188,8 @@ class WebSocketSession:
 
     def _handle_events(self) -> None:
         for event in self.frames.events():
+            if self.closed:
+                return  # closed meanwhile (a message over the limit)
             if isinstance(event, Message):
                 self._gather(event)
             elif isinstance(event, Ping):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
@@ -54,6 +55,12 @@ async def refuse(ws: WebSocket) -> None:
     await ws.close()
 
 
+async def slow_accept(ws: WebSocket) -> None:
+    await asyncio.sleep(0.5)
+    await ws.accept()
+    await ws.send_text("accepted")
+
+
 async def broken(ws: WebSocket) -> None:
     await ws.accept()
     raise RuntimeError("this application fails after accepting")
@@ -63,6 +70,7 @@ APP = Starlette(
     routes=[
         WebSocketRoute("/echo", echo),
         WebSocketRoute("/refuse", refuse),
+        WebSocketRoute("/slow", slow_accept),
         WebSocketRoute("/broken", broken),
     ]
 )
@@ -316,3 +324,19 @@ def test_stopping_closes_an_open_websocket_with_going_away(
 
     assert left == 0
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+def test_bytes_piling_up_before_the_accept_are_bounded(
+    plane: Plane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(websocket_module, "MAX_MESSAGE_BYTES", 1000)
+    plain, _ = serve(plane, tmp_path)
+    handshake = (
+        f"GET /slow HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+    answer = raw_exchange(plain, handshake + bytes(2000))
+
+    assert b"101" not in answer  # closed before the application accepted
