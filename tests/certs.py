@@ -138,7 +138,17 @@ def make_ca(intermediates: int = 1, name: str = "Arcology Test") -> CA:
             .add_extension(
                 x509.BasicConstraints(ca=True, path_length=None), critical=True
             )
-            .add_extension(_ca_usage(), critical=True),
+            .add_extension(_ca_usage(), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    parent_key.public_key()
+                ),
+                critical=False,
+            ),
         )
         chain.append(cert)
         parent, parent_key = cert, key
@@ -296,6 +306,10 @@ def make_chain(
         )
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
         )
     )
     if domains:
