@@ -4,7 +4,7 @@
 Run by hand from the repository root (loopback only, bounded)::
 
     .venv/bin/python scripts/bench_tls.py [--domains 10000] [--connections 3000]
-        [--rounds 3] [--cold-domains 100000] [--cold-samples 300] [--no-nginx]
+        [--rounds 7] [--cold-domains 100000] [--cold-samples 300] [--no-nginx]
 
 What it measures, each server in its own process pinned to CPU 0, clients in
 other processes pinned to the other CPUs (when the machine has two or more):
@@ -15,9 +15,13 @@ other processes pinned to the other CPUs (when the machine has two or more):
    server name drawn at random from the stored domains. CPU is read from
    ``/proc/PID/stat`` (user + system, every thread) before and after the
    load, divided by the connections answered. Every server is started
-   first; then ``--rounds`` rounds measure each in turn, and the table shows
-   the minimum and the median (the machine may be shared: the minimum is the
-   least disturbed figure). Servers:
+   first; then ``--rounds`` rounds measure each in turn, the order rotated
+   by one server each round, with the same client processes throughout
+   (started once, so no fork lands in a measurement). This machine's speed
+   drifts by 10 to 20 % over minutes (it is shared), and the drift is slow
+   next to one round, so the table shows each server's median and range,
+   and the comparisons are the median of the per-round ratios: both sides
+   of a ratio were measured seconds apart. Servers:
 
    - Arcology: the real runtime (Cryptosaur + Esper, SQLite store with
      ``--domains`` certificates, each its own key), a static service for
@@ -76,6 +80,8 @@ from typing import Any  # noqa: E402
 from bench_http import pin, wait_ready  # noqa: E402
 
 CLIENT_TIMEOUT_S = 10.0
+# Connections before each measured round, to refill the server's caches.
+WARM_UP_CONNECTIONS = 100
 WARM_TIMEOUT_S = 600.0
 BODY = b"ok"
 SERVER_CPU = {0}
@@ -84,12 +90,6 @@ TICKS_S = os.sysconf("SC_CLK_TCK")
 
 
 # -- measuring a process ---------------------------------------------------------
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_S
 
 
 def rss_bytes(pid: int) -> int:
@@ -132,48 +132,88 @@ def one_connection(context: ssl.SSLContext, port: int, name: str) -> bool:
     return data.startswith(b"HTTP/1.1 200") and data.endswith(BODY)
 
 
-def client_worker(port: int, names: list[str], count: int, seed: int, out: Any) -> None:
-    """Make ``count`` connections with random server names; report (ok, failed)."""
+def client_loop(pipe: Connection, seed: int) -> None:
+    """Serve load requests from ``pipe`` until told to stop.
+
+    Each request is ``(port, names, count)``: make ``count`` connections with
+    server names drawn from ``names`` and answer ``(ok, failed)``.
+    """
     pin(set(os.sched_getaffinity(0)) - SERVER_CPU or {0})
     context = client_context()
     chooser = random.Random(seed)
-    ok = 0
-    for _ in range(count):
-        ok += one_connection(context, port, chooser.choice(names))
-    out.put((ok, count - ok))
+    while True:
+        job = pipe.recv()
+        if job is None:
+            return
+        port, names, count = job
+        ok = 0
+        for _ in range(count):
+            ok += one_connection(context, port, chooser.choice(names))
+        pipe.send((ok, count - ok))
 
 
-def load(
-    port: int, names: list[str], connections: int, clients: int
-) -> tuple[int, int]:
-    """Run ``clients`` client processes; return (answered, failed)."""
-    queue: Any = multiprocessing.Queue()
-    workers = [
-        multiprocessing.Process(
-            target=client_worker,
-            args=(port, names, connections // clients, seed, queue),
-        )
-        for seed in range(clients)
-    ]
-    for worker in workers:
-        worker.start()
-    results = [queue.get(timeout=connections * 0.1 + 60) for _ in workers]
-    for worker in workers:
-        worker.join(10)
-    return sum(r[0] for r in results), sum(r[1] for r in results)
+class ClientPool:
+    """Client processes started once and reused for every load."""
+
+    def __init__(self, clients: int) -> None:
+        self.pipes: list[Connection] = []
+        self.processes: list[multiprocessing.Process] = []
+        for seed in range(clients):
+            parent, child = multiprocessing.Pipe()
+            process = multiprocessing.Process(
+                target=client_loop, args=(child, seed), daemon=True
+            )
+            process.start()
+            self.pipes.append(parent)
+            self.processes.append(process)
+
+    def run(self, port: int, names: list[str], connections: int) -> tuple[int, int]:
+        """Spread ``connections`` over the clients; return (answered, failed)."""
+        share = max(1, connections // len(self.pipes))
+        for pipe in self.pipes:
+            pipe.send((port, names, share))
+        ok = failed = 0
+        for pipe in self.pipes:
+            if not pipe.poll(share * CLIENT_TIMEOUT_S + 60):
+                raise RuntimeError(f"clients did not finish {share} connections")
+            answered, lost = pipe.recv()
+            ok += answered
+            failed += lost
+        return ok, failed
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.send(None)
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+def cpu_split_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of every thread of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICKS_S, int(fields[12]) / TICKS_S
 
 
 def cpu_per_connection(
-    pid: int, port: int, names: list[str], connections: int, clients: int
-) -> tuple[float, int, int, float]:
-    """Warm up, then (ms of server CPU per answered connection, ok, failed, s)."""
-    load(port, names, min(300, connections), clients)
-    before = cpu_s(pid)
-    started = time.monotonic()
-    ok, failed = load(port, names, connections, clients)
-    elapsed = time.monotonic() - started
-    used = cpu_s(pid) - before
-    return used / max(ok, 1) * 1000, ok, failed, elapsed
+    pid: int, port: int, names: list[str], connections: int, pool: ClientPool
+) -> tuple[float, float, int]:
+    """(user ms, system ms) of server CPU per answered connection, and failures.
+
+    A short load first brings the server's caches back after another
+    server's turn.
+    """
+    pool.run(port, names, WARM_UP_CONNECTIONS)
+    user_before, system_before = cpu_split_s(pid)
+    ok, failed = pool.run(port, names, connections)
+    user_after, system_after = cpu_split_s(pid)
+    per = 1000 / max(ok, 1)
+    return (
+        (user_after - user_before) * per,
+        (system_after - system_before) * per,
+        failed,
+    )
 
 
 # -- Arcology ----------------------------------------------------------------------
@@ -411,8 +451,8 @@ def percentile(samples: list[float], fraction: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--domains", type=int, default=10_000)
-    parser.add_argument("--connections", type=int, default=3000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--cold-domains", type=int, default=100_000)
     parser.add_argument("--cold-samples", type=int, default=300)
@@ -430,7 +470,8 @@ def main() -> None:
     (site / "index.html").write_bytes(BODY)
     os.chmod(base, 0o755)
     rows: list[tuple[str, str]] = []
-    samples: dict[str, list[float]] = {}
+    # Per server, one (user ms, system ms) per round, in round order.
+    samples: dict[str, list[tuple[float, float]]] = {}
     failures: dict[str, int] = {}
     stoppers: list[Callable[[], None]] = []
     try:
@@ -511,13 +552,19 @@ def main() -> None:
                 (f"nginx start with {len(files)} certificates", f"{start_s:.1f} s")
             )
 
-        for round_number in range(1, args.rounds + 1):
-            for label, (pid, port) in servers.items():
-                say(f"round {round_number}: {label} ...")
-                per_conn, _ok, failed, _elapsed = cpu_per_connection(
-                    pid, port, names, args.connections, args.clients
+        pool = ClientPool(args.clients)
+        stoppers.append(pool.close)
+        labels = list(servers)
+        for number in range(args.rounds):
+            # Each round starts one server later, so none is always first.
+            turn = number % len(labels)
+            for label in labels[turn:] + labels[:turn]:
+                say(f"round {number + 1}: {label} ...")
+                pid, port = servers[label]
+                user, system, failed = cpu_per_connection(
+                    pid, port, names, args.connections, pool
                 )
-                samples.setdefault(label, []).append(per_conn)
+                samples.setdefault(label, []).append((user, system))
                 failures[label] = failures.get(label, 0) + failed
         status = arcology.call("status")
         rows.append(
@@ -546,14 +593,7 @@ def main() -> None:
             stop()
         shutil.rmtree(base, ignore_errors=True)
 
-    cpu = {
-        label: f"{min(values):.3f} / {statistics.median(values):.3f}"
-        + (f" ({failures[label]} failed)" if failures.get(label) else "")
-        for label, values in samples.items()
-    }
-    if args.no_nginx or "nginx" not in samples:
-        cpu["nginx"] = "not run"
-    print_table(args, cpu, rows)
+    print_table(args, samples, failures, rows)
 
 
 def cold_misses(
@@ -598,12 +638,20 @@ def cold_misses(
     ]
 
 
+def totals(rounds: list[tuple[float, float]]) -> list[float]:
+    """User + system ms per connection of each round."""
+    return [user + system for user, system in rounds]
+
+
 def print_table(
-    args: argparse.Namespace, cpu: dict[str, str], rows: list[tuple[str, str]]
+    args: argparse.Namespace,
+    samples: dict[str, list[tuple[float, float]]],
+    failures: dict[str, int],
+    rows: list[tuple[str, str]],
 ) -> None:
     print()
     print(
-        f"Server CPU per connection in ms, min / median of {args.rounds} rounds of "
+        f"Server CPU per connection in ms, {args.rounds} rounds of "
         f"{args.connections} connections ({args.clients} client processes): "
         "full TLS 1.3 handshake, ECDSA P-256, one GET"
     )
@@ -621,17 +669,42 @@ def print_table(
         "1 cert, fixed answer",
         f"{args.domains} certs, static file",
     ]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    print("| " + " | ".join(domains) + " |")
-    print("| " + " | ".join(cpu.get(h, "-") for h in header) + " |")
+
+    def cell(label: str, show: Callable[[list[tuple[float, float]]], str]) -> str:
+        if label not in samples:
+            return "not run"
+        failed = failures.get(label)
+        return show(samples[label]) + (f" ({failed} failed)" if failed else "")
+
+    def spread(rounds: list[tuple[float, float]]) -> str:
+        values = totals(rounds)
+        return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    def split(rounds: list[tuple[float, float]]) -> str:
+        user = statistics.median(u for u, _ in rounds)
+        system = statistics.median(s for _, s in rounds)
+        return f"{user:.3f} + {system:.3f}"
+
+    print("| | " + " | ".join(header) + " |")
+    print("|---|" + "|".join("---" for _ in header) + "|")
+    print("| serves | " + " | ".join(domains) + " |")
+    print("| median (range) | " + " | ".join(cell(h, spread) for h in header) + " |")
+    print("| user + system | " + " | ".join(cell(h, split) for h in header) + " |")
     for other, goal in (("nginx", "at most 1.25"), ("bare asyncio", "below 1")):
-        try:
-            mine = float(cpu["Arcology"].split()[0])
-            ratio = mine / float(cpu[other].split()[0])
-        except (KeyError, ValueError):
+        if "Arcology" not in samples or other not in samples:
             continue
-        print(f"Arcology / {other} (minimums) = {ratio:.2f} (goal: {goal})")
+        # Both sides of each ratio come from the same round, seconds apart.
+        ratios = [
+            mine / theirs
+            for mine, theirs in zip(
+                totals(samples["Arcology"]), totals(samples[other]), strict=True
+            )
+        ]
+        print(
+            f"Arcology / {other}: {statistics.median(ratios):.2f} "
+            f"(median of {len(ratios)} per-round ratios, range "
+            f"{min(ratios):.2f}-{max(ratios):.2f}; goal: {goal})"
+        )
     print()
     width = max(len(r[0]) for r in rows)
     for what, value in rows:

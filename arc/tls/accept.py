@@ -102,8 +102,11 @@ DEFER_ACCEPT_S = 1
 # times a second instead of once per connection.
 CLOCK_SLACK_S = 0.25
 # Protocol factories kept per certificate domain (they are cheap, but one
-# per connection is waste); past this many the table starts over.
-MAX_FACTORIES = 4096
+# per connection is waste); past this many the table starts over. At least
+# the default context cache size (10,000), so that every cached domain keeps
+# its factory instead of the table starting over every few thousand
+# handshakes; a factory is two small closures, so the bound is about 10 MB.
+MAX_FACTORIES = 16384
 # The fallback value that refuses a handshake without a usable certificate.
 FALLBACK_REJECT = "reject"
 
