@@ -125,7 +125,14 @@ class ChangeFeed:
         if open_backend is None:
             from arc.store import open_backend as default_open
 
-            open_backend = default_open
+            def unchecked(settings: StoreSettings) -> Backend:
+                # Cryptosaur checked the file when it opened the store; a
+                # second full read here, concurrent with the first handshakes,
+                # would only compete with them for the CPU.
+                return default_open(settings, check=False)
+
+            open_backend = unchecked
+
         self.settings = settings
         self.where = store_label(settings)
         self._owner = owner

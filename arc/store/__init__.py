@@ -47,14 +47,18 @@ class StoreSettings(Protocol):
     def master_key_file(self) -> Path: ...
 
 
-def open_backend(settings: StoreSettings) -> Backend:
-    """The backend that ``settings.store`` names, opened."""
+def open_backend(settings: StoreSettings, *, check: bool = True) -> Backend:
+    """The backend that ``settings.store`` names, opened.
+
+    ``check=False`` skips SQLite's integrity check of the whole file, for a
+    second connection to a store this process has opened (and checked).
+    """
     kind = settings.store
     if kind == "sqlite":
         from arc.store.sqlite import FILE_NAME, SqliteBackend
 
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return SqliteBackend(settings.data_dir / FILE_NAME)
+        return SqliteBackend(settings.data_dir / FILE_NAME, check=check)
     if kind.startswith(("postgresql://", "postgres://")):
         from arc.store.postgres import PostgresBackend
 

@@ -21,7 +21,7 @@ from arc.bundle import Bundle, parse_bundle
 from arc.config import Config, Settings
 from arc.errors import ConfigError, Internal
 from arc.store import Store, lookup, open_store
-from arc.store.sqlite import FILE_NAME, SCHEMA_VERSION
+from arc.store.sqlite import FILE_NAME, SCHEMA_VERSION, SqliteBackend
 from tests.certs import Chain, make_chain
 
 REPO = Path(__file__).resolve().parents[3]
@@ -359,7 +359,8 @@ def test_a_file_that_is_not_a_database_is_refused_clearly(data_dir: Path) -> Non
     assert "restore it from a backup" in caught.value.message
 
 
-def test_a_damaged_page_is_found_on_open(data_dir: Path) -> None:
+def damaged_store(data_dir: Path) -> Path:
+    """A store of 40 domains whose pages after the schema page are scribbled on."""
     store = open_store(settings_for(data_dir))
     chain = make_chain("*.example.com")
     for n in range(40):
@@ -369,16 +370,33 @@ def test_a_damaged_page_is_found_on_open(data_dir: Path) -> None:
     data = bytearray(path.read_bytes())
     page = 4096
     assert len(data) > 4 * page
-    # Scribble over the middle of every page after the schema page.
     for start in range(2 * page, len(data), page):
         data[start + 8 : start + 200] = b"\xa5" * 192
     path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_damaged_page_is_found_on_open(data_dir: Path) -> None:
+    damaged_store(data_dir)
 
     with pytest.raises(Internal) as caught:
         open_store(settings_for(data_dir))
 
     assert "certificate store" in caught.value.message
     assert "backup" in caught.value.message
+
+
+def test_a_connection_opened_without_the_check_does_not_read_the_whole_file(
+    data_dir: Path,
+) -> None:
+    path = damaged_store(data_dir)
+
+    with pytest.raises(Internal):
+        SqliteBackend(path)
+    unchecked = SqliteBackend(path, check=False)
+
+    assert unchecked.path == path
+    unchecked.close()
 
 
 def test_a_store_from_a_newer_arcology_is_refused(data_dir: Path) -> None:
