@@ -3,7 +3,8 @@
 
 Run by hand from the repository root (loopback only, bounded)::
 
-    .venv/bin/python scripts/bench_workers.py [--connections 2000] [--rounds 3]
+    .venv/bin/python scripts/bench_workers.py [--connections 1500] [--rounds 11]
+        [--clients 1] [--rate 250]
 
 Two servers, ``--workers 1`` and ``--workers 2``, each in its own temporary
 folder (SQLite store, one EC P-256 certificate, access log on as by
@@ -23,11 +24,14 @@ default), run side by side and take turns, round by round:
 Two loads are measured, each for both servers:
 
 - the same load per worker (the goal): ``--clients`` client processes per
-  worker, so one worker gets N clients and two workers get 2N. A process's
-  CPU per connection depends on how busy it is (a busy loop handles several
-  events per wake-up, an idle one sleeps and wakes for each, with cold
-  caches), so comparing at equal load per worker shows what running as
-  workers costs in itself;
+  worker, so one worker gets N clients and two workers get 2N, each client
+  starting its connections on a fixed schedule so that every worker is
+  offered ``--rate`` connections a second. A process's CPU per connection
+  depends on how busy it is (a busy loop handles several events per
+  wake-up, an idle one sleeps and wakes for each, with cold caches), so
+  only an equal rate per worker shows what running as workers costs in
+  itself (clients that run flat out give one worker more connections a
+  second than each of two, since the clients share the CPUs with them);
 - the same total load (for information): 2N clients for both. Here each of
   two workers is half as busy as the single one, and on a small machine the
   clients compete with both workers for the CPUs, so two workers pay more
@@ -226,8 +230,13 @@ class Server:
             return self.process.wait(10)
 
 
-def client(port: int, count: int, root_pem: str, failures: object) -> None:
-    """Make ``count`` connections: handshake, one request, close."""
+def client(port: int, count: int, root_pem: str, failures: object, rate: float) -> None:
+    """Make ``count`` connections: handshake, one request, close.
+
+    With ``rate`` (connections per second) above 0 the connections start on
+    a fixed schedule (a client that falls behind goes on at once); with 0,
+    back to back.
+    """
     # The load generator yields to the server: on a small machine a client
     # that preempts a worker mid-handshake adds cache refills to the
     # server's CPU time that a remote client would not cause. SCHED_IDLE
@@ -238,7 +247,12 @@ def client(port: int, count: int, root_pem: str, failures: object) -> None:
     context = ssl.create_default_context(cadata=root_pem)
     request = f"GET / HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n"
     failed = 0
-    for _ in range(count):
+    started = time.monotonic()
+    for number in range(count):
+        if rate > 0:
+            delay = started + number / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
                 with context.wrap_socket(raw, server_hostname=DOMAIN) as tls:
@@ -251,8 +265,13 @@ def client(port: int, count: int, root_pem: str, failures: object) -> None:
         failures.value += failed  # type: ignore[attr-defined]
 
 
-def one_round(server: Server, connections: int, clients: int, root_pem: str) -> dict:
-    """Load the server once; return CPU, time and the spread of this round."""
+def one_round(
+    server: Server, connections: int, clients: int, root_pem: str, rate: float = 0.0
+) -> dict:
+    """Load the server once; return CPU, time and the spread of this round.
+
+    ``rate`` is the connections per second of each client (0: back to back).
+    """
     failures = multiprocessing.Value("i", 0)
     share = [connections // clients] * clients
     share[0] += connections - sum(share)
@@ -262,7 +281,7 @@ def one_round(server: Server, connections: int, clients: int, root_pem: str) -> 
     started = time.monotonic()
     procs = [
         multiprocessing.Process(
-            target=client, args=(server.https, n, root_pem, failures)
+            target=client, args=(server.https, n, root_pem, failures, rate)
         )
         for n in share
     ]
@@ -323,9 +342,14 @@ def measure(
     take turns, so a change in the machine's background load during the run
     falls on both alike instead of on whichever went second.
     """
+    # Per load, per worker count: client processes and each one's rate.
+    paced = args.rate / args.clients
     loads = {
-        "same load per worker": {1: args.clients, 2: 2 * args.clients},
-        "same total load": {1: 2 * args.clients, 2: 2 * args.clients},
+        "same load per worker": {
+            1: (args.clients, paced),
+            2: (2 * args.clients, paced),
+        },
+        "same total load": {1: (2 * args.clients, paced), 2: (2 * args.clients, paced)},
     }
     with tempfile.TemporaryDirectory(prefix="arc-bench-workers-") as tmp:
         servers = {w: Server(Path(tmp) / f"w{w}", w) for w in (1, 2)}
@@ -344,8 +368,9 @@ def measure(
                             one_round(
                                 servers[workers],
                                 args.connections,
-                                clients[workers],
+                                clients[workers][0],
                                 root,
+                                clients[workers][1],
                             )
                         )
         finally:
@@ -353,7 +378,14 @@ def measure(
                 codes[workers] = server.stop()
         results: dict[str, tuple[dict, dict]] = {}
         for load, clients in loads.items():
-            print(f"{load}: {clients[1]} / {clients[2]} client processes")
+            print(
+                f"{load}: {clients[1][0]} / {clients[2][0]} client processes, "
+                + (
+                    f"{clients[1][1]:g} connections/s each"
+                    if clients[1][1]
+                    else "back to back"
+                )
+            )
             results[load] = (
                 report(1, rounds[(load, 1)], codes[1]),
                 report(2, rounds[(load, 2)], codes[2]),
@@ -363,14 +395,24 @@ def measure(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--connections", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument(
         "--clients", type=int, default=1, help="client processes per worker"
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=250.0,
+        help="connections per second per worker at the same load per worker",
+    )
     args = parser.parse_args()
-    if not 1 <= args.connections <= 100_000 or not 1 <= args.rounds <= 20:
-        raise SystemExit("--connections 1..100000 and --rounds 1..20")
+    if (
+        not 1 <= args.connections <= 100_000
+        or not 1 <= args.rounds <= 20
+        or not 1 <= args.rate <= 10_000
+    ):
+        raise SystemExit("--connections 1..100000, --rounds 1..20, --rate 1..10000")
 
     from tests.certs import make_chain
 
