@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from arc.errors import ConfigError
+from arc.errors import BadInput, ConfigError
+from arc.names import is_wildcard, normalise_domain
 
 DEFAULT_CONFIG_FILE = "arcology.toml"
 DEFAULT_DATA_DIR = "arc-data"
@@ -285,13 +286,7 @@ class _Parser:
                 )
             values["store"] = store
         if "tls_fallback" in raw:
-            fallback = raw["tls_fallback"]
-            if not isinstance(fallback, str) or not fallback:
-                raise self.fail(
-                    where,
-                    f'tls_fallback must be "reject" or a domain (got {fallback!r})',
-                )
-            values["tls_fallback"] = fallback.lower().rstrip(".")
+            values["tls_fallback"] = self.fallback(raw["tls_fallback"], where)
         if "bind" in raw:
             values["bind"] = self.bind(raw["bind"], where)
         for name, integer, low in (
@@ -329,6 +324,28 @@ class _Parser:
                 "bundle for it in admin_tls_cert",
             )
         return settings
+
+    def fallback(self, value: Any, where: str) -> str:
+        # The fallback's certificate answers handshakes whose name is unknown
+        # or absent, so it must be one plain domain Cryptosaur can look up: a
+        # wildcard names no single certificate a client could be sent.
+        expected = 'tls_fallback must be "reject" or a domain'
+        if not isinstance(value, str) or not value:
+            raise self.fail(where, f"{expected} (got {value!r})")
+        if value.lower() == "reject":
+            return "reject"
+        try:
+            domain = normalise_domain(value)
+        except BadInput as exc:
+            reason = exc.message.removeprefix(f"domain {value!r}: ")
+            raise self.fail(where, f"{expected} (got {value!r}: {reason})") from exc
+        if is_wildcard(domain):
+            raise self.fail(
+                where,
+                f"{expected}, not a wildcard (got {value!r}): name one domain "
+                "the certificate covers",
+            )
+        return domain
 
     def bind(self, value: Any, where: str) -> tuple[str, ...]:
         if isinstance(value, str):

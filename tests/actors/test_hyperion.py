@@ -17,7 +17,7 @@ from actors.cryptosaur import Cryptosaur
 from actors.esper import Esper
 from actors.hyperion import Hyperion
 from arc.config import load_config
-from arc.errors import ArcError
+from arc.errors import ArcError, ConfigError
 from arc.testing import running
 from tests.certs import make_chain
 
@@ -231,6 +231,32 @@ def test_a_refused_reload_changes_nothing(tmp_path: Path) -> None:
         after = get(port, SHOP)
 
     assert after[:2] == (200, b"shop home")
+
+
+def test_a_reload_refuses_a_fallback_that_is_not_a_domain_and_keeps_the_old_one(
+    tmp_path: Path,
+) -> None:
+    port = free_ports(1)[0]
+    path = write_config(
+        tmp_path,
+        service("shop", [SHOP], port, root="www"),
+        settings=f'tls_fallback = "{SHOP}"',
+    )
+
+    with running(CORE, load_config(path)) as rt:
+        write_config(
+            tmp_path,
+            service("shop", [SHOP], port, root="www"),
+            settings='tls_fallback = "not a domain"',
+        )
+        with pytest.raises(ConfigError) as caught:
+            rt.ask("Hyperion", "reload", {})
+        in_force = rt.config.arcology.tls_fallback
+
+    assert "tls_fallback must be \"reject\" or a domain (got 'not a domain'" in (
+        caught.value.message
+    )
+    assert in_force == SHOP
 
 
 def test_services_lists_hosts_with_their_certificate_status(tmp_path: Path) -> None:

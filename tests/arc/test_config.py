@@ -19,6 +19,15 @@ def parse(text: str, tmp_path: Path) -> Config:
     return load_config(path)
 
 
+def run_arcology(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "arc.cli", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_embedded_defaults_serve_localhost_on_8080_and_8443(tmp_path: Path) -> None:
     config = Config.embedded(data_dir=tmp_path / "data")
 
@@ -128,6 +137,22 @@ def test_a_full_file_is_read_with_paths_relative_to_its_folder(
             '[arcology]\nstore = "mysql://x"\n',
             'store must be "sqlite" or a "postgresql://..." URL (got \'mysql://x\')',
         ),
+        (
+            '[arcology]\ntls_fallback = "not a domain"\n',
+            'arcology.toml: [arcology]: tls_fallback must be "reject" or a domain '
+            "(got 'not a domain': label 'not a domain' must be letters, digits "
+            "and hyphens",
+        ),
+        (
+            '[arcology]\ntls_fallback = "*.example.com"\n',
+            'tls_fallback must be "reject" or a domain, not a wildcard '
+            "(got '*.example.com')",
+        ),
+        (
+            '[arcology]\ntls_fallback = "192.0.2.1"\n',
+            "tls_fallback must be \"reject\" or a domain (got '192.0.2.1': "
+            "looks like an IP address",
+        ),
         ("not = [toml", "arcology.toml: not valid TOML"),
     ],
 )
@@ -149,16 +174,32 @@ def test_arcology_run_refuses_a_bad_file_before_starting(tmp_path: Path) -> None
     path = tmp_path / "arcology.toml"
     path.write_text('[[services]]\nname = "shop"\nhosts = ["s.test"]\ntls = "yes"\n')
 
-    done = subprocess.run(
-        [sys.executable, "-m", "arc.cli", "run", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_arcology(path)
 
     assert done.returncode == 2
     assert 'tls must be one of none, optional, required (got "yes")' in done.stderr
     assert not (tmp_path / "arc-data").exists()
+
+
+def test_arcology_run_refuses_a_fallback_that_is_not_a_domain(tmp_path: Path) -> None:
+    path = tmp_path / "arcology.toml"
+    path.write_text('[arcology]\ntls_fallback = "not a domain"\n')
+
+    done = run_arcology(path)
+
+    assert done.returncode == 2
+    assert "tls_fallback must be \"reject\" or a domain (got 'not a domain'" in (
+        done.stderr
+    )
+    assert not (tmp_path / "arc-data").exists()
+
+
+def test_a_fallback_domain_is_normalised_and_reject_is_kept(tmp_path: Path) -> None:
+    spelled = parse('[arcology]\ntls_fallback = "Bücher.Example."\n', tmp_path)
+    reject = parse('[arcology]\ntls_fallback = "Reject"\n', tmp_path)
+
+    assert spelled.arcology.tls_fallback == "xn--bcher-kva.example"
+    assert reject.arcology.tls_fallback == "reject"
 
 
 def test_a_port_wanted_as_plain_and_as_tls_names_both_services(
