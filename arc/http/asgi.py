@@ -203,7 +203,8 @@ class Exchange:
     def end_body(self) -> None:
         """The request body is complete."""
         self.body_done = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def lost(self) -> None:
         """The client went away."""
@@ -213,7 +214,8 @@ class Exchange:
     def ended(self) -> None:
         """The response is complete: a pending ``receive`` answers disconnect."""
         self.response_done = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None

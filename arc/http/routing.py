@@ -248,6 +248,8 @@ class RoutingTable:
         ``normalized`` says the caller's name is already lower-case without a
         port or trailing dot (a server name from a ClientHello is).
         """
+        if not self._none_only:
+            return True  # no host is plain-only: nothing to check
         host = domain if normalized else normalize_host(domain)
         if host in self._hosts:
             return host not in self._none_only

@@ -71,7 +71,7 @@ import httptools
 from loguru import logger
 
 from arc.http.asgi import ASGIApp, Exchange, Scope, date_header, release
-from arc.http.errors import error_body, status_line
+from arc.http.errors import STATUS_LINES, error_body, status_line
 from arc.http.redirect import hsts_header, redirect_location, redirect_status
 from arc.http.routing import Route, covers
 from arc.http.static import CHUNK_BYTES, FileBody, StaticFiles, read_chunk
@@ -199,7 +199,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the header clock: a client that sends nothing gets 408."""
         # uvloop's transports are not asyncio.Transport subclasses; same API.
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = transport  # type: ignore[assignment]
         self.dataplane.connections.add(self)
         stats = self.connection_stats
         if stats is not None:
@@ -289,11 +289,14 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 timer.cancel()
             self._timer = None
-        for ex in (self._active, self._parsing, *self._queue):
-            if ex is not None:
-                ex.lost()
-        self._queue.clear()
-        self._wake_drain()
+        # Usually nothing is in flight here (the answer went out first).
+        if self._active is not None or self._parsing is not None or self._queue:
+            for ex in (self._active, self._parsing, *self._queue):
+                if ex is not None:
+                    ex.lost()
+            self._queue.clear()
+        if self._drain_waiter is not None:
+            self._wake_drain()
         if self._websocket is not None:
             self._websocket.lost()
 
@@ -446,6 +449,11 @@ class HttpProtocol(asyncio.Protocol):
         self._waiting = _BUSY
         if ex is not None:
             ex.end_body()
+            if self.closed:
+                # Answered already and closing (the usual end of a
+                # Connection: close request): nothing to pause or time.
+                self._stop_parsing = True
+                return
             if not ex.keep_alive and self._websocket is None:
                 self._stop_reading()
         if self._active is None and not self._queue:
@@ -623,7 +631,7 @@ class HttpProtocol(asyncio.Protocol):
             conn = b"connection: close\r\n"
         return b"".join(
             (
-                status_line(status),
+                STATUS_LINES.get(status) or status_line(status),
                 extra,
                 ex.extra_headers,
                 b"content-length: %d\r\n" % length,
@@ -860,6 +868,7 @@ class HttpProtocol(asyncio.Protocol):
 
 
 @functools.cache
+@functools.lru_cache(maxsize=8)
 def _hsts_line(setting: str) -> bytes:
     """The ``Strict-Transport-Security`` line for a setting, built once."""
     hsts = hsts_header(setting)

@@ -252,7 +252,8 @@ class StaticFiles:
         if method != "GET" and method != "HEAD":
             return _text(405, "method not allowed", (b"allow", b"GET, HEAD"))
 
-        relative = safe_relative(raw_path)
+        # The root, the most common request, needs no decoding or checks.
+        relative = "" if raw_path == b"/" else safe_relative(raw_path)
         if relative is None:
             return NOT_FOUND
         found = self._root_index() if not relative else None
