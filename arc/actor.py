@@ -17,7 +17,10 @@ What always holds:
 - A handler that raises anything else is a crash: the asker gets
   ``Internal``, the traceback is logged at ERROR, ``on_stop`` runs to release
   what the actor holds, and the runtime restarts a fresh instance with
-  back-off (see ``arc.runtime``). A crash in ``on_start`` is treated the same.
+  back-off (see ``arc.runtime``). A crash in ``on_start`` is treated the same,
+  except that an ``ArcError`` there (an unreachable store, a wrong master
+  key) is no bug: no traceback is logged, the first start raises that error
+  from ``Runtime.add`` and a restart logs its message on one ERROR line.
 """
 
 from __future__ import annotations
@@ -133,9 +136,20 @@ class Actor(pykka.ThreadingActor):
         # Pykka calls this for a crash in on_start or in a handler; it stops
         # the actor. Release what the instance holds, then let the runtime
         # decide whether to restart it.
-        self.log.opt(exception=(exception_type, exception_value, traceback)).error(
-            "actor crashed actor={name}", name=self.name
-        )
+        if isinstance(exception_value, ArcError):
+            # Only on_start gets here with Arcology's own error (a handler's
+            # is answered to its asker). Its message is the whole story: the
+            # first start raises it from Runtime.add, a restart says it here.
+            if self.runtime.has_started(self.name):
+                self.log.error(
+                    "actor could not restart actor={name} reason={reason}",
+                    name=self.name,
+                    reason=exception_value.message,
+                )
+        else:
+            self.log.opt(exception=(exception_type, exception_value, traceback)).error(
+                "actor crashed actor={name}", name=self.name
+            )
         try:
             self.on_stop()
         except Exception:

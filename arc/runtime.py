@@ -39,7 +39,7 @@ import pykka
 from loguru import logger
 
 from arc.actor import Actor, Envelope
-from arc.errors import Busy, ConfigError, NotFound
+from arc.errors import ArcError, Busy, ConfigError, NotFound
 from arc.messages import decode_answer, decode_request, encode_request
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ class _Slot:
     crashes: list[float] = field(default_factory=list)
     # False: after a crash storm the actor is given up on, not the process.
     essential: bool = True
+    # Arcology's own error that stopped the first on_start, if one did.
+    start_error: ArcError | None = None
 
 
 def start_order(classes: Sequence[type[Actor]]) -> list[type[Actor]]:
@@ -178,6 +180,11 @@ class Runtime:
         if not self._wait_running(slot):
             with self._lock:
                 self._forget(cls.name)
+            # Arcology's own error already says what is wrong and what to do;
+            # anything else was logged with its traceback by the actor.
+            if slot.start_error is not None:
+                error = slot.start_error
+                raise type(error)(error.message) from error
             raise ConfigError(f"actor {cls.name} failed to start; see the log above")
 
     def stop(self) -> None:
@@ -256,6 +263,12 @@ class Runtime:
                 slot.state = "running"
                 slot.started_once = True
 
+    def has_started(self, name: str) -> bool:
+        """Whether an instance of the actor ``name`` ever finished ``on_start``."""
+        with self._lock:
+            slot = self._slots.get(name)
+            return slot is not None and slot.started_once
+
     def actor_crashed(self, name: str, urn: str, exc: BaseException | None) -> None:
         """Called by a crashing actor (in its own thread) to be restarted."""
         with self._lock:
@@ -266,6 +279,8 @@ class Runtime:
             if not slot.started_once:
                 # A crash in the first on_start: add() reports it, no restart.
                 slot.state = "failed"
+                if isinstance(exc, ArcError):
+                    slot.start_error = exc
                 return
             slot.state = "restarting"
         self._restarts.put((name, crashed))

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -93,6 +93,21 @@ class FailsToStart(Actor):
 
     def on_start(self) -> None:
         raise RuntimeError("cannot start on purpose")
+
+
+class StoreUnreachable(Actor):
+    name = "StoreUnreachable"
+    opened: ClassVar[int] = 0
+
+    def on_start(self) -> None:
+        # The first instance starts; every later one finds its store gone.
+        type(self).opened += 1
+        if type(self).opened != 2:
+            raise Busy("certificate store db:5432/arc is unreachable; retry shortly")
+
+    @verb("crash")
+    def crash(self, payload: Any) -> Any:
+        raise RuntimeError("boom on purpose")
 
 
 @pytest.fixture
@@ -261,6 +276,44 @@ def test_an_actor_that_fails_to_start_is_refused(config: Config) -> None:
             rt.start([FailsToStart])
     finally:
         rt.stop()
+
+
+def test_an_arcology_error_on_start_is_raised_with_its_reason_and_no_traceback(
+    config: Config, logs: list[Any]
+) -> None:
+    StoreUnreachable.opened = 0
+    rt = Runtime(config)
+    try:
+        with pytest.raises(Busy) as caught:
+            rt.start([StoreUnreachable])
+    finally:
+        rt.stop()
+
+    assert caught.value.message == (
+        "certificate store db:5432/arc is unreachable; retry shortly"
+    )
+    assert [r for r in logs if r["level"].name == "ERROR"] == []
+
+
+def test_an_arcology_error_on_restart_is_one_error_line_without_traceback(
+    config: Config, logs: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    StoreUnreachable.opened = 1
+    monkeypatch.setattr(runtime_module, "FIRST_BACKOFF_S", 0.01)
+
+    with running([StoreUnreachable], config) as rt:
+        with pytest.raises(Internal):
+            rt.ask("StoreUnreachable", "crash", {})
+        deadline = time.monotonic() + 5
+        while StoreUnreachable.opened < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    restarts = [r for r in logs if "could not restart" in r["message"]]
+    assert [r["message"] for r in restarts][:1] == [
+        "actor could not restart actor=StoreUnreachable reason=certificate store "
+        "db:5432/arc is unreachable; retry shortly"
+    ]
+    assert all(r["exception"] is None for r in restarts)
 
 
 def test_asyncio_code_awaits_an_answer_without_blocking_its_loop(

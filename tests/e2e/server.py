@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 READY_LINE = "running actors="
 START_TIMEOUT_S = 60.0
@@ -76,19 +77,34 @@ class ArcologyProcess:
             args += ["--config", str(self.config_path)]
         return args
 
+    def _how(self) -> dict[str, Any]:
+        # The log is on stderr; stdout carries nothing the tests read.
+        return {
+            "cwd": self.folder,
+            "stdout": subprocess.DEVNULL,
+            "stderr": subprocess.PIPE,
+            "text": True,
+            "env": self.env,
+        }
+
     def start(self) -> ArcologyProcess:
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=self.folder,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-        )
+        self.process = subprocess.Popen(self.command(), **self._how())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.wait_for(READY_LINE, START_TIMEOUT_S)
         return self
+
+    def run_to_exit(self, timeout: float = START_TIMEOUT_S) -> int:
+        """Run a process that should stop by itself (a refused start).
+
+        Returns its exit status; its log lines are kept as ``start`` keeps them.
+        """
+        done = subprocess.run(
+            self.command(), **self._how(), timeout=timeout, check=False
+        )
+        with self._lock:
+            self.lines.extend(done.stderr.splitlines())
+        return done.returncode
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stderr is not None

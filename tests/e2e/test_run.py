@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from arc.config import load_config
+from arc.store import open_store
 from tests.e2e.server import ArcologyProcess, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +61,65 @@ def test_embedded_defaults_serve_http_https_and_admin_and_ctrl_c_exits_0(
     assert status == 0
     assert "stopped" in server.log()
     assert "threads still running" not in server.log()
+
+
+def refused_start(server: ArcologyProcess) -> tuple[int, list[str]]:
+    """Run a start that should be refused; its status and its ERROR lines."""
+    status = server.run_to_exit()
+    errors = [line for line in server.lines if "ERROR" in line]
+    assert "Traceback" not in server.log(), server.log()
+    assert "actor crashed" not in server.log(), server.log()
+    return status, errors
+
+
+def test_a_store_that_cannot_be_reached_refuses_the_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    config = plain_config(tmp_path, free_port(), free_port())
+    nowhere = free_port()
+    config = config.replace(
+        "[arcology]\n",
+        "[arcology]\n"
+        f'store = "postgresql://arcology:secret@127.0.0.1:{nowhere}/arcology"\n',
+    )
+    server = ArcologyProcess(tmp_path, config)
+
+    status, errors = refused_start(server)
+
+    assert status == 1
+    assert len(errors) == 1, server.log()
+    assert (
+        f"cannot start: certificate store 127.0.0.1:{nowhere}/arcology is "
+        "unreachable (" in errors[0]
+    )
+    assert "secret" not in server.log()
+
+
+@pytest.mark.parametrize(
+    ("key_file", "reason"),
+    [
+        ("0" * 64 + "\n", "does not open this certificate store"),
+        (None, "is missing, but the certificate store already holds keys"),
+    ],
+)
+def test_a_wrong_or_missing_master_key_refuses_the_start_in_one_line(
+    tmp_path: Path, key_file: str | None, reason: str
+) -> None:
+    server = ArcologyProcess(tmp_path, plain_config(tmp_path, free_port(), free_port()))
+    assert server.config_path is not None
+    settings = load_config(server.config_path).arcology
+    open_store(settings).close()
+    if key_file is None:
+        settings.master_key_file.unlink()
+    else:
+        settings.master_key_file.write_text(key_file)
+
+    status, errors = refused_start(server)
+
+    assert status == 1
+    assert len(errors) == 1, server.log()
+    assert f"cannot start: master key file {settings.master_key_file} " in errors[0]
+    assert reason in errors[0]
 
 
 def test_sigterm_stops_every_actor_and_exits_0(tmp_path: Path) -> None:
