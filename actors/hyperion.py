@@ -6,10 +6,12 @@ plane loop, builds one immutable ``RoutingTable`` and installs it in the data
 plane, then asks Esper to ``listen`` once per port (plain or TLS, derived
 from the services). With ``local_ca`` it makes sure localhost has a
 certificate. Last, it asks Cryptosaur for the certificate of every host of a
-service that wants TLS and logs one ERROR line per host that has none; such
-a host is still served over plain HTTP. When Cryptosaur announces a change
-that gives one of those hosts a certificate, one INFO line says it is now
-served over TLS.
+service that wants TLS and logs one ERROR line per host that has none,
+saying what clients meet meanwhile: a ``tls = "optional"`` host is still
+served over plain HTTP; a ``"required"`` one is not served at all (plain
+HTTP redirects to HTTPS, whose handshake is refused). When Cryptosaur
+announces a change that gives one of those hosts a certificate, one INFO
+line says it is now served over TLS.
 
 ``reload`` reads the configuration file again and reconciles: new ports are
 opened, ports no service uses any more are closed, ports that stay are left
@@ -341,9 +343,18 @@ class Hyperion(Actor):
             self.runtime.tell("Esper", "warm", {"domains": sorted(present)})
 
     def _report_missing(self, host: str, service: ServiceConfig) -> None:
+        # Say what a client meets meanwhile: "optional" still answers plain
+        # HTTP; "required" redirects it to HTTPS, whose handshake is refused.
+        if service.tls == "required":
+            served = (
+                "it is not served until one is uploaded (plain HTTP redirects to "
+                "HTTPS, whose handshake is refused)"
+            )
+        else:
+            served = "it is served over plain HTTP only until one is uploaded"
         self.log.error(
-            "host has no certificate; it is served over plain HTTP only until one "
-            "is uploaded host={} service={}",
+            "host has no certificate; {} host={} service={}",
+            served,
             host,
             service.name,
         )

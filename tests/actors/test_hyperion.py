@@ -62,6 +62,13 @@ def write_config(
     return path
 
 
+def shop_config(tmp_path: Path, tls: str, settings: str = "") -> tuple[int, int, Path]:
+    """One service "shop" for SHOP in ``tls`` mode; its two ports and its file."""
+    plain, tls_port = free_ports(2)
+    shop = service("shop", [SHOP], plain, tls=tls, tlsPort=tls_port, root="www")
+    return plain, tls_port, write_config(tmp_path, shop, settings=settings)
+
+
 def lines(records: list[Any], level: str, text: str) -> list[str]:
     return [
         r["message"]
@@ -140,6 +147,26 @@ def test_a_host_without_certificate_is_reported_once_then_once_when_it_gets_one(
     assert (status, body) == (200, b"shop home")
     assert answer.getheader("strict-transport-security") == "max-age=31536000"
     assert len(lines(logs, "ERROR", "has no certificate")) == 2
+
+
+def test_a_required_host_without_certificate_is_reported_as_not_served(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    plain, tls, path = shop_config(tmp_path, "required")
+
+    with running(CORE, load_config(path)):
+        at_start = lines(logs, "ERROR", "has no certificate")
+        redirected = get(plain, SHOP)
+        with pytest.raises(ssl.SSLError):
+            get(tls, SHOP, make_chain(SHOP).client_context())
+
+    assert at_start == [
+        "host has no certificate; it is not served until one is uploaded (plain "
+        f"HTTP redirects to HTTPS, whose handshake is refused) host={SHOP} "
+        "service=shop"
+    ]
+    assert redirected[0] == 301
+    assert redirected[2].getheader("location") == f"https://{SHOP}:{tls}/"
 
 
 def test_reload_opens_new_ports_closes_unused_ones_and_leaves_the_rest(
