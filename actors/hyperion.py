@@ -11,7 +11,9 @@ saying what clients meet meanwhile: a ``tls = "optional"`` host is still
 served over plain HTTP; a ``"required"`` one is not served at all (plain
 HTTP redirects to HTTPS, whose handshake is refused). When Cryptosaur
 announces a change that gives one of those hosts a certificate, one INFO
-line says it is now served over TLS.
+line says it is now served over TLS; a change (a delete) or a reload that
+leaves a host without one says so in the same words at WARNING, since
+someone asked for it.
 
 ``reload`` reads the configuration file again and reconciles: new ports are
 opened, ports no service uses any more are closed, ports that stay are left
@@ -203,7 +205,7 @@ class Hyperion(Actor):
                     )
                 elif not has and host not in self._missing:
                     self._missing.add(host)
-                    self._report_missing(host, service)
+                    self._report_missing(host, service, at_start=False)
 
     # -- reconciling ----------------------------------------------------------
 
@@ -334,7 +336,7 @@ class Hyperion(Actor):
                     continue
                 missing.add(host)
                 if not (only_new and host in self._missing):
-                    self._report_missing(host, service)
+                    self._report_missing(host, service, at_start=not only_new)
         self._missing = missing
 
         # Warm start: Esper builds these contexts in the background, so the
@@ -342,9 +344,13 @@ class Hyperion(Actor):
         if present:
             self.runtime.tell("Esper", "warm", {"domains": sorted(present)})
 
-    def _report_missing(self, host: str, service: ServiceConfig) -> None:
+    def _report_missing(
+        self, host: str, service: ServiceConfig, *, at_start: bool
+    ) -> None:
         # Say what a client meets meanwhile: "optional" still answers plain
         # HTTP; "required" redirects it to HTTPS, whose handshake is refused.
+        # At start this is misconfiguration no caller hears of (ERROR); later
+        # it follows a delete or a reload someone asked for (WARNING).
         if service.tls == "required":
             served = (
                 "it is not served until one is uploaded (plain HTTP redirects to "
@@ -352,7 +358,8 @@ class Hyperion(Actor):
             )
         else:
             served = "it is served over plain HTTP only until one is uploaded"
-        self.log.error(
+        self.log.log(
+            "ERROR" if at_start else "WARNING",
             "host has no certificate; {} host={} service={}",
             served,
             host,

@@ -169,6 +169,43 @@ def test_a_required_host_without_certificate_is_reported_as_not_served(
     assert redirected[2].getheader("location") == f"https://{SHOP}:{tls}/"
 
 
+def test_a_deleted_certificate_is_reported_as_a_warning_not_an_error(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    path = shop_config(tmp_path, "optional")[2]
+
+    with running(CORE, load_config(path)) as rt:
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": make_chain(SHOP).bundle()})
+        assert eventually(lambda: bool(lines(logs, "INFO", "now served over TLS")))
+        rt.ask("Cryptosaur", "deleteCertificate", {"domain": SHOP})
+        assert eventually(lambda: bool(lines(logs, "WARNING", "has no certificate")))
+
+    assert lines(logs, "WARNING", "has no certificate") == [
+        "host has no certificate; it is served over plain HTTP only until one is "
+        f"uploaded host={SHOP} service=shop"
+    ]
+    assert lines(logs, "ERROR", "has no certificate") == [
+        "host has no certificate; it is served over plain HTTP only until one is "
+        f"uploaded host={SHOP} service=shop"
+    ]
+
+
+def test_a_host_a_reload_adds_without_certificate_is_reported_as_a_warning(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    plain = free_ports(1)[0]
+    path = write_config(
+        tmp_path, service("blog", ["blog.example.com"], plain, root="www")
+    )
+
+    with running(CORE, load_config(path)) as rt:
+        shop_config(tmp_path, "required")
+        rt.ask("Hyperion", "reload", {})
+
+    assert lines(logs, "ERROR", "has no certificate") == []
+    assert len(lines(logs, "WARNING", "has no certificate; it is not served")) == 1
+
+
 def test_reload_opens_new_ports_closes_unused_ones_and_leaves_the_rest(
     tmp_path: Path,
 ) -> None:
