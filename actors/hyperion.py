@@ -13,7 +13,10 @@ HTTP redirects to HTTPS, whose handshake is refused). When Cryptosaur
 announces a change that gives one of those hosts a certificate, one INFO
 line says it is now served over TLS; a change (a delete) or a reload that
 leaves a host without one says so in the same words at WARNING, since
-someone asked for it.
+someone asked for it. The ``tls_fallback`` domain is checked the same way,
+at start and on a reload that changes it: with no certificate for it, one
+WARNING says that handshakes without a known name are refused until one is
+uploaded, and one INFO line says when it arrives.
 
 ``reload`` reads the configuration file again and reconciles: new ports are
 opened, ports no service uses any more are closed, ports that stay are left
@@ -77,6 +80,8 @@ class Hyperion(Actor):
         self._lifespans: dict[str, Lifespan] = {}
         # Hosts wanting TLS that had no certificate when last checked.
         self._missing: set[str] = set()
+        # The tls_fallback domain, if it had no certificate when last checked.
+        self._fallback_missing: str | None = None
 
     # -- life -----------------------------------------------------------------
 
@@ -94,6 +99,7 @@ class Hyperion(Actor):
         if settings.local_ca:
             ensure_localhost(settings.data_dir, self._ask)
         self._check_certificates(self.config.services, only_new=False)
+        self._check_fallback(only_new=False)
 
     def on_stop(self) -> None:
         """Shut down the applications' lifespans; listeners stay with Esper."""
@@ -147,6 +153,7 @@ class Hyperion(Actor):
         summary["applied"] = applied
         summary["restart_needed"] = later
         self._check_certificates(config.services, only_new=True)
+        self._check_fallback(only_new=True)
         self.log.info(
             "services reloaded services={} opened={} closed={} unchanged={}",
             len(config.services),
@@ -187,7 +194,7 @@ class Hyperion(Actor):
 
     @verb("Cryptosaur.certificateChanged")
     def certificate_changed(self, payload: Any) -> None:
-        """Say which hosts gained (or lost) a certificate."""
+        """Say which hosts, and the fallback, gained (or lost) a certificate."""
         domains = [str(d).lower() for d in (payload or {}).get("domains", [])]
         for service in self.config.services:
             if service.tls == "none":
@@ -206,6 +213,7 @@ class Hyperion(Actor):
                 elif not has and host not in self._missing:
                     self._missing.add(host)
                     self._report_missing(host, service, at_start=False)
+        self._fallback_changed(domains)
 
     # -- reconciling ----------------------------------------------------------
 
@@ -309,6 +317,17 @@ class Hyperion(Actor):
             return None
         return found
 
+    def _checked(self, field: str, domain: str) -> tuple[bool, dict[str, Any] | None]:
+        # A check Cryptosaur cannot answer now is skipped with a WARNING (and
+        # False); the next change or reload checks again.
+        try:
+            return True, self._certificate(domain)
+        except ArcError as exc:
+            self.log.warning(
+                "certificate check failed {}={} error={}", field, domain, exc
+            )
+            return False, None
+
     def _check_certificates(
         self, services: tuple[ServiceConfig, ...], *, only_new: bool
     ) -> None:
@@ -324,12 +343,8 @@ class Hyperion(Actor):
                 if host in seen:
                     continue
                 seen.add(host)
-                try:
-                    found = self._certificate(host)
-                except ArcError as exc:
-                    self.log.warning(
-                        "certificate check failed host={} error={}", host, exc
-                    )
+                checked, found = self._checked("host", host)
+                if not checked:
                     continue
                 if found is not None:
                     present.append(host)
@@ -343,6 +358,46 @@ class Hyperion(Actor):
         # first handshakes find them cached; nothing here waits for it.
         if present:
             self.runtime.tell("Esper", "warm", {"domains": sorted(present)})
+
+    def _check_fallback(self, *, only_new: bool) -> None:
+        # Handshakes without a known name get the fallback's certificate; with
+        # none stored they are refused, which no client will explain to anyone.
+        fallback = self.config.arcology.tls_fallback
+        if fallback == "reject":
+            self._fallback_missing = None
+            return
+        checked, found = self._checked("fallback", fallback)
+        if not checked:
+            return
+        if found is not None:
+            self._fallback_missing = None
+            return
+        if not (only_new and self._fallback_missing == fallback):
+            self._report_fallback_missing(fallback)
+        self._fallback_missing = fallback
+
+    def _fallback_changed(self, domains: list[str]) -> None:
+        fallback = self.config.arcology.tls_fallback
+        if fallback == "reject" or not any(covers(d, fallback) for d in domains):
+            return
+        has = self._certificate(fallback) is not None
+        if has and self._fallback_missing == fallback:
+            self._fallback_missing = None
+            self.log.info(
+                "fallback domain now has a certificate; handshakes without a "
+                "known name get it fallback={}",
+                fallback,
+            )
+        elif not has and self._fallback_missing != fallback:
+            self._fallback_missing = fallback
+            self._report_fallback_missing(fallback)
+
+    def _report_fallback_missing(self, fallback: str) -> None:
+        self.log.warning(
+            "fallback domain has no certificate; handshakes without a known name "
+            "are refused until one is uploaded fallback={}",
+            fallback,
+        )
 
     def _report_missing(
         self, host: str, service: ServiceConfig, *, at_start: bool

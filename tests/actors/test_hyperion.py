@@ -206,6 +206,47 @@ def test_a_host_a_reload_adds_without_certificate_is_reported_as_a_warning(
     assert len(lines(logs, "WARNING", "has no certificate; it is not served")) == 1
 
 
+FALLBACK = "default.example.com"
+FALLBACK_MISSING = (
+    "fallback domain has no certificate; handshakes without a known name are "
+    f"refused until one is uploaded fallback={FALLBACK}"
+)
+
+
+def test_a_fallback_without_certificate_is_warned_at_start_then_told_on_upload(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    path = shop_config(tmp_path, "none", settings=f'tls_fallback = "{FALLBACK}"')[2]
+    chain = make_chain("*.example.com")
+
+    with running(CORE, load_config(path)) as rt:
+        at_start = lines(logs, "WARNING", "fallback domain")
+        rt.ask("Cryptosaur", "setCertificate", {"bundle": chain.bundle()})
+        assert eventually(lambda: bool(lines(logs, "INFO", "fallback domain")))
+
+    assert at_start == [FALLBACK_MISSING]
+    assert lines(logs, "INFO", "fallback domain") == [
+        "fallback domain now has a certificate; handshakes without a known name "
+        f"get it fallback={FALLBACK}"
+    ]
+    assert lines(logs, "WARNING", "fallback domain") == [FALLBACK_MISSING]
+
+
+def test_a_reload_to_a_fallback_without_certificate_warns_once(
+    tmp_path: Path, logs: list[Any]
+) -> None:
+    path = shop_config(tmp_path, "none")[2]
+
+    with running(CORE, load_config(path)) as rt:
+        at_start = lines(logs, "WARNING", "fallback domain")
+        shop_config(tmp_path, "none", settings=f'tls_fallback = "{FALLBACK}"')
+        rt.ask("Hyperion", "reload", {})
+        rt.ask("Hyperion", "reload", {})
+
+    assert at_start == []
+    assert lines(logs, "WARNING", "fallback domain") == [FALLBACK_MISSING]
+
+
 def test_reload_opens_new_ports_closes_unused_ones_and_leaves_the_rest(
     tmp_path: Path,
 ) -> None:
