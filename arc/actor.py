@@ -13,7 +13,8 @@ What always holds:
 - An unknown verb or a malformed message is answered with ``BadInput``
   naming it; the actor keeps running.
 - A handler that raises an ``ArcError`` answers with that error; the actor
-  keeps running (bad input is the sender's problem, not a crash).
+  keeps running (bad input is the sender's problem, not a crash). For a tell,
+  which has nobody to answer, the error is logged as a WARNING.
 - A handler that raises anything else is a crash: the asker gets
   ``Internal``, the traceback is logged at ERROR, ``on_stop`` runs to release
   what the actor holds, and the runtime restarts a fresh instance with
@@ -111,6 +112,12 @@ class Actor(pykka.ThreadingActor):
             result = getattr(self, method)(request.payload)
             answer = encode_ok(reply_id, result)
         except ArcError as exc:
+            if reply_to is None:
+                # A tell (or an announcement) has nobody to answer: say it here.
+                self.log.warning(
+                    "message not handled actor={} error={}", self.name, exc.message
+                )
+                return None
             answer = encode_error(reply_id, exc)
         except Exception as exc:
             # Mark the actor as restarting before the asker hears of the

@@ -146,6 +146,20 @@ def test_errors_raised_by_a_handler_reach_the_asker_with_their_kind(
         assert rt.status()["actors"][0]["restarts"] == 0
 
 
+def test_an_error_in_a_tell_is_logged_as_a_warning_and_the_actor_goes_on(
+    config: Config, logs: list[Any]
+) -> None:
+    with running([Store], config) as rt:
+        rt.tell("Store", "put", "not a map")
+        answer = rt.ask("Store", "put", {"key": "a"})
+
+    warnings = [r["message"] for r in logs if r["level"].name == "WARNING"]
+    assert warnings == [
+        "message not handled actor=Store error=put: payload must be a map with 'key'"
+    ]
+    assert answer == {"stored": "a"}
+
+
 def test_an_unknown_verb_gets_an_error_naming_it(config: Config) -> None:
     with running([Store], config) as rt:
         with pytest.raises(BadInput, match="unknown verb 'Store.fly'"):
