@@ -54,6 +54,41 @@ def test_context_presents_the_chain_and_speaks_tls13_with_http11() -> None:
     assert tls.getpeercert()["subject"] == ((("commonName", "shop.example.com"),),)
 
 
+def test_server_objects_call_openssl_directly_and_carry_data_both_ways() -> None:
+    chain = make_chain("shop.example.com")
+    context = build_context("shop.example.com", chain.chain_pem, chain.key_pem)
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = chain.client_context().wrap_bio(
+        c_in, c_out, server_hostname="shop.example.com"
+    )
+    server = context.wrap_bio(s_in, s_out, server_side=True)
+
+    for _ in range(4):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    client.write(b"GET / HTTP/1.1\r\n\r\n")
+    s_in.write(c_out.read())
+    request = server.read(1024)
+    buffer = bytearray(64)
+    server.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    c_in.write(s_out.read())
+    answered = client.read(64, buffer)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        server.unwrap()
+    c_in.write(s_out.read())
+
+    assert type(server).__name__ == "_DirectSSLObject"
+    assert server.read == server._sslobj.read  # the C method, no wrapper
+    assert server.version() == "TLSv1.3"
+    assert server.pending() == 0
+    assert request == b"GET / HTTP/1.1\r\n\r\n"
+    assert bytes(buffer[:answered]) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert client.read(64) == b""  # the server's close_notify arrived
+
+
 def test_rsa_chain_works_over_tls12() -> None:
     chain = make_chain("rsa.example.com", key_type="RSA 2048")
     client = chain.client_context()
