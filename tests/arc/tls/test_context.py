@@ -20,22 +20,42 @@ from tests.certs import make_chain
 ROOT = Path(__file__).resolve().parents[3]
 
 
+class Link:
+    """A client and a server object joined by memory BIOs."""
+
+    def __init__(
+        self, server: ssl.SSLContext, client: ssl.SSLContext, name: str
+    ) -> None:
+        self.c_in, self.c_out, self.s_in, self.s_out = (
+            ssl.MemoryBIO() for _ in range(4)
+        )
+        self.client = client.wrap_bio(self.c_in, self.c_out, server_hostname=name)
+        self.server = server.wrap_bio(self.s_in, self.s_out, server_side=True)
+
+    def carry(self) -> None:
+        """Deliver what each side wrote to the other."""
+        self.s_in.write(self.c_out.read())
+        self.c_in.write(self.s_out.read())
+
+    def handshake(self) -> None:
+        """Run the handshake to its end."""
+        for _ in range(10):
+            for side in (self.client, self.server):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side.do_handshake()
+            self.carry()
+            if self.client.version() and self.server.version():
+                return
+        raise AssertionError("handshake did not finish in 10 rounds")
+
+
 def handshake(
     server: ssl.SSLContext, client: ssl.SSLContext, name: str
 ) -> ssl.SSLObject:
     """Run a handshake between two contexts over memory BIOs; return the client."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    tls_client = client.wrap_bio(c_in, c_out, server_hostname=name)
-    tls_server = server.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for side in (tls_client, tls_server):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                side.do_handshake()
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-        if tls_client.version() and tls_server.version():
-            return tls_client
-    raise AssertionError("handshake did not finish in 10 rounds")
+    link = Link(server, client, name)
+    link.handshake()
+    return link.client
 
 
 def test_context_presents_the_chain_and_speaks_tls13_with_http11() -> None:
@@ -57,28 +77,20 @@ def test_context_presents_the_chain_and_speaks_tls13_with_http11() -> None:
 def test_server_objects_call_openssl_directly_and_carry_data_both_ways() -> None:
     chain = make_chain("shop.example.com")
     context = build_context("shop.example.com", chain.chain_pem, chain.key_pem)
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = chain.client_context().wrap_bio(
-        c_in, c_out, server_hostname="shop.example.com"
-    )
-    server = context.wrap_bio(s_in, s_out, server_side=True)
+    link = Link(context, chain.client_context(), "shop.example.com")
+    server, client = link.server, link.client
 
-    for _ in range(4):
-        for side in (client, server):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                side.do_handshake()
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
+    link.handshake()
     client.write(b"GET / HTTP/1.1\r\n\r\n")
-    s_in.write(c_out.read())
+    link.carry()
     request = server.read(1024)
     buffer = bytearray(64)
     server.write(b"HTTP/1.1 200 OK\r\n\r\n")
-    c_in.write(s_out.read())
+    link.carry()
     answered = client.read(64, buffer)
     with contextlib.suppress(ssl.SSLWantReadError):
         server.unwrap()
-    c_in.write(s_out.read())
+    link.carry()
 
     assert type(server).__name__ == "_DirectSSLObject"
     assert server.read == server._sslobj.read  # the C method, no wrapper
