@@ -71,7 +71,7 @@ import httptools
 from loguru import logger
 
 from arc.http.asgi import ASGIApp, Exchange, Scope, date_header, release
-from arc.http.errors import STATUS_LINES, error_body, status_line
+from arc.http.errors import error_body, status_line
 from arc.http.redirect import hsts_header, redirect_location, redirect_status
 from arc.http.routing import Route, covers
 from arc.http.static import CHUNK_BYTES, FileBody, StaticFiles, read_chunk
@@ -631,7 +631,7 @@ class HttpProtocol(asyncio.Protocol):
             conn = b"connection: close\r\n"
         return b"".join(
             (
-                STATUS_LINES.get(status) or status_line(status),
+                status_line(status),
                 extra,
                 ex.extra_headers,
                 b"content-length: %d\r\n" % length,
@@ -868,7 +868,6 @@ class HttpProtocol(asyncio.Protocol):
 
 
 @functools.cache
-@functools.lru_cache(maxsize=8)
 def _hsts_line(setting: str) -> bytes:
     """The ``Strict-Transport-Security`` line for a setting, built once."""
     hsts = hsts_header(setting)
