@@ -95,6 +95,11 @@ def test_server_objects_call_openssl_directly_and_carry_data_both_ways() -> None
     assert type(server).__name__ == "_DirectSSLObject"
     assert server.read == server._sslobj.read  # the C method, no wrapper
     assert server.version() == "TLSv1.3"
+    # What the event loop reads once the handshake is done.
+    assert server.getpeercert() is None  # no client certificate asked for
+    assert server.cipher() == client.cipher()
+    assert server.compression() is None
+    assert server.server_side and server.context is context
     assert server.pending() == 0
     assert request == b"GET / HTTP/1.1\r\n\r\n"
     assert bytes(buffer[:answered]) == b"HTTP/1.1 200 OK\r\n\r\n"
