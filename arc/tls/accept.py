@@ -50,7 +50,8 @@ What always holds
   name; cached names are served meanwhile.
 - Closing a listener stops accepting; connections already accepted carry on.
 - Refused connections get an alert record when the refusal is Arcology's
-  (policy, malformed hello); peer failures are counted and logged at DEBUG.
+  (policy, a malformed hello, a client that offers nothing newer than
+  TLS 1.1); peer failures are counted and logged at DEBUG.
 
 Limits
 ------
@@ -58,9 +59,10 @@ LIMITATION: a ClientHello that hides its name (Encrypted Client Hello) is
 served by its outer, public name; ECH is not offered by these contexts, so
 clients fall back to a plain ClientHello.
 LIMITATION: a handshake that OpenSSL itself refuses (no shared group or
-cipher suite, a TLS 1.1 client) ends in EOF for the client, not an alert:
-neither uvloop nor asyncio sends the alert OpenSSL wrote before closing.
-Only Arcology's own refusals (policy, malformed hello) carry an alert.
+cipher suite) ends in EOF for the client, not an alert: neither uvloop nor
+asyncio sends the alert OpenSSL wrote before closing. Only Arcology's own
+refusals carry an alert; they include clients too old to speak TLS 1.2,
+which the ClientHello shows before OpenSSL sees it.
 LIMITATION: TLS session resumption is per context; a client that reconnects
 after its name's context was rebuilt (certificate change, eviction, TTL)
 makes a full handshake.

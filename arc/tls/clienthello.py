@@ -17,7 +17,12 @@ calls :func:`parse_client_hello` on whatever the connection has sent so far
   name from the ``server_name`` extension (RFC 6066 3) and the protocols of the
   ``application_layer_protocol_negotiation`` extension (RFC 7301 3.1);
 - anything that is not a well-formed ClientHello raises
-  :class:`ClientHelloError`, never another exception.
+  :class:`ClientHelloError`, never another exception; so does the
+  ClientHello of a client that offers nothing newer than TLS 1.1, which
+  Arcology does not speak (its ``legacy_version`` is below 0x0303 and it
+  sends no ``supported_versions`` extension, RFC 8446 4.1.2 and 4.2.1), so
+  that such a client is told ``protocol_version`` instead of meeting a
+  closed connection.
 
 What always holds
 -----------------
@@ -62,6 +67,12 @@ MAX_CLIENT_HELLO_BYTES = 16 * 1024
 # Extension numbers (IANA TLS ExtensionType registry).
 EXTENSION_SERVER_NAME = 0
 EXTENSION_ALPN = 16
+EXTENSION_SUPPORTED_VERSIONS = 43
+# The oldest protocol Arcology speaks, as a ClientHello's legacy_version:
+# TLS 1.2 (0x0303), which TLS 1.3 clients send too (RFC 8446 4.1.2).
+TLS12_VERSION = 0x0303
+# What older versions are called, for error messages.
+_VERSION_NAMES = {0x0300: "SSL 3.0", 0x0301: "TLS 1.0", 0x0302: "TLS 1.1"}
 # server_name list entry type for a DNS host name (RFC 6066 3).
 NAME_TYPE_HOST_NAME = 0
 # Server names already normalised, by their bytes: the same few names come
@@ -79,6 +90,7 @@ _TWO_U16 = struct.Struct("!HH").unpack_from
 _READ_EXTENSIONS = frozenset((EXTENSION_SERVER_NAME, EXTENSION_ALPN))
 # Alert descriptions (RFC 8446 6.2).
 ALERT_DECODE_ERROR = 50
+ALERT_PROTOCOL_VERSION = 70
 ALERT_INTERNAL_ERROR = 80
 ALERT_UNRECOGNIZED_NAME = 112
 
@@ -89,7 +101,8 @@ class ClientHelloError(BadInput):
     Attributes:
         alert: the TLS alert description to send before closing
             (RFC 8446 6.2): decode_error for broken framing, unrecognized_name
-            for a server name that is not a domain.
+            for a server name that is not a domain, protocol_version for a
+            client that offers neither TLS 1.2 nor TLS 1.3.
     """
 
     def __init__(self, message: str, alert: int | None = None) -> None:
@@ -233,6 +246,7 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
     pos = 34
     if pos + 1 > size:
         raise _truncated(what, "legacy_version and random", 35, 0, size)
+    legacy_version = (body[0] << 8) | body[1]
     session_id = body[pos]
     pos += 1 + session_id
     if session_id > 32:
@@ -264,6 +278,8 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
     # A ClientHello without extensions is legal before TLS 1.3 (RFC 5246
     # 7.4.1.2): such a client offers neither SNI nor ALPN.
     if pos == size:
+        if legacy_version < TLS12_VERSION:
+            raise _too_old(legacy_version)
         return None, ()
     if pos + 2 > size:
         raise _truncated(what, "extensions length", 2, pos, size)
@@ -286,6 +302,7 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
     alpn: tuple[str, ...] = ()
     seen_name = seen_alpn = False
     kind = length = 0
+    extensions = pos
     try:
         while pos < end:
             kind, length = _TWO_U16(body, pos)
@@ -312,7 +329,33 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
     if pos > end:
         start = pos - length
         raise _truncated(what, f"extension {kind}", length, start, end)
+
+    # Only a client older than TLS 1.2 pays for this second walk: a TLS 1.3
+    # client sends 0x0303 and lists its versions in supported_versions.
+    if legacy_version < TLS12_VERSION and not _sends_extension(
+        body, extensions, end, EXTENSION_SUPPORTED_VERSIONS
+    ):
+        raise _too_old(legacy_version)
     return server_name, alpn
+
+
+def _sends_extension(body: bytes, pos: int, end: int, wanted: int) -> bool:
+    """Whether the extensions at ``body[pos:end]`` (already checked) hold one."""
+    while pos < end:
+        kind, length = _TWO_U16(body, pos)
+        if kind == wanted:
+            return True
+        pos += 4 + length
+    return False
+
+
+def _too_old(legacy_version: int) -> ClientHelloError:
+    name = _VERSION_NAMES.get(legacy_version, f"version 0x{legacy_version:04x}")
+    return ClientHelloError(
+        f"ClientHello: the client offers at most {name} (legacy_version "
+        f"0x{legacy_version:04x}); Arcology speaks TLS 1.2 and 1.3",
+        alert=ALERT_PROTOCOL_VERSION,
+    )
 
 
 def _parse_server_name(data: bytes) -> str | None:

@@ -97,10 +97,11 @@ def peer_common_name(tls: ssl.SSLSocket) -> str:
     return str(value)
 
 
-def s_client(port: int, server_name: str | None, tmp: Path) -> str:
+def s_client(port: int, server_name: str | None, tmp: Path, *extra: str) -> str:
     """Run ``openssl s_client`` once; return what it printed (both streams)."""
     args = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief"]
     args += ["-servername", server_name] if server_name else ["-noservername"]
+    args += extra
     done = subprocess.run(
         args,
         input=b"",

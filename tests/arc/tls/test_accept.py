@@ -183,6 +183,39 @@ def test_plain_http_on_a_tls_port_gets_a_decode_error_alert(tmp_path: Path) -> N
     assert data == bytes.fromhex("15030300020232")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_tls11_client_is_told_protocol_version_before_any_fetch(
+    tmp_path: Path,
+) -> None:
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.verify_mode = ssl.CERT_NONE
+    old.minimum_version = ssl.TLSVersion.TLSv1
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    # OpenSSL's default security level would not even offer TLS 1.1.
+    old.set_ciphers("DEFAULT@SECLEVEL=0")
+    with serving(tmp_path) as srv:
+        srv.store.add("example.com")
+
+        printed = s_client(
+            srv.port,
+            "example.com",
+            tmp_path,
+            "-tls1_1",
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+        )
+        with socket.create_connection(("127.0.0.1", srv.port), 5) as raw:
+            with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+                old.wrap_socket(raw, server_hostname="example.com")
+        with srv.connect("example.com") as tls:
+            answer = request(tls, "example.com")
+
+    assert "protocol version" in printed
+    assert srv.store.calls == ["example.com"]  # only for the modern client
+    assert answer[0] == "HTTP/1.1 200 OK"
+
+
 def test_a_slow_fetch_does_not_delay_handshakes_of_cached_domains(
     tmp_path: Path,
 ) -> None:

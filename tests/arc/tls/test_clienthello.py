@@ -30,9 +30,11 @@ def python_client_hello(server_name: str | None, alpn: list[str] | None) -> byte
     return outgoing.read()
 
 
-def build_hello(extensions: bytes | None, session_id: bytes = b"") -> bytes:
+def build_hello(
+    extensions: bytes | None, session_id: bytes = b"", version: int = 0x0303
+) -> bytes:
     """A ClientHello handshake message (without record framing)."""
-    body = b"\x03\x03" + bytes(32)
+    body = struct.pack("!H", version) + bytes(32)
     body += bytes([len(session_id)]) + session_id
     body += b"\x00\x02\x13\x01" + b"\x01\x00"
     if extensions is not None:
@@ -157,6 +159,38 @@ def test_hello_without_extensions_has_no_name() -> None:
 def test_malformed_input_raises_a_clear_error(data: bytes, fragment: str) -> None:
     with pytest.raises(ClientHelloError, match=fragment):
         parse_client_hello(data)
+
+
+@pytest.mark.parametrize(
+    ("version", "extensions", "name"),
+    [
+        (0x0302, sni_extension((0, b"example.com")), "TLS 1.1"),
+        (0x0301, None, "TLS 1.0"),
+        (0x0300, b"", "SSL 3.0"),
+    ],
+)
+def test_a_client_older_than_tls12_is_refused_with_protocol_version(
+    version: int, extensions: bytes | None, name: str
+) -> None:
+    data = records(build_hello(extensions, version=version))
+
+    with pytest.raises(ClientHelloError, match=f"at most {name}") as refused:
+        parse_client_hello(data)
+
+    assert refused.value.alert == 70  # protocol_version
+
+
+def test_supported_versions_overrides_an_old_legacy_version() -> None:
+    # RFC 8446 4.2.1: with supported_versions, legacy_version is not read.
+    versions = struct.pack("!HHB", 43, 3, 2) + struct.pack("!H", 0x0304)
+    data = records(
+        build_hello(sni_extension((0, b"example.com")) + versions, version=0x0301)
+    )
+
+    hello = parse_client_hello(data)
+
+    assert hello.complete
+    assert hello.server_name == "example.com"
 
 
 def test_a_hello_longer_than_the_bound_is_refused() -> None:
