@@ -78,8 +78,6 @@ class _DirectSSLObject(ssl.SSLObject):
 class ServerContext(ssl.SSLContext):
     """A server context whose ``SSLObject``s call OpenSSL directly."""
 
-    sslobject_class = _DirectSSLObject
-
     def wrap_bio(
         self,
         incoming: ssl.MemoryBIO,
