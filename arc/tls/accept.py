@@ -71,10 +71,11 @@ makes a full handshake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import socket
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -91,6 +92,7 @@ from arc.tls.clienthello import (
     parse_client_hello,
 )
 from arc.tls.listener import BACKLOG
+from arc.tls.transport import LINGER_S, Clock, TlsTransport, end_lingering, linger
 
 if TYPE_CHECKING:
     from arc.http.routing import RoutingTable
@@ -99,10 +101,15 @@ if TYPE_CHECKING:
 # handing it over anyway (then the handshake timeout applies). Clients send
 # their ClientHello at once, so this only delays silent ones.
 DEFER_ACCEPT_S = 1
-# How late the hello clock may close an overdue connection: its one timer
-# is armed for the oldest deadline plus this, so under load it fires a few
-# times a second instead of once per connection.
-CLOCK_SLACK_S = 0.25
+# Connections accepted per readiness of a listening socket, so that a flood
+# of new connections cannot hold the loop from the open ones.
+ACCEPT_BATCH = 64
+# accept() errors that mean the process or machine is out of something
+# (descriptors, memory): accepting pauses this long instead of spinning.
+ACCEPT_PAUSE_ERRNOS = frozenset(
+    (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+)
+ACCEPT_RETRY_S = 1.0
 # Protocol factories kept per certificate domain (they are cheap, but one
 # per connection is waste); past this many the table starts over. At least
 # the default context cache size (10,000), so that every cached domain keeps
@@ -227,7 +234,7 @@ class _HelloReader(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses; same API.
         self.transport = transport  # type: ignore[assignment]
         listener = self.listener
-        listener.clock.add(self)
+        self.accepted_at = listener.clock.add(self)
         # Deferred accept means the ClientHello is normally waiting: read it
         # now, before the loop starts reading for this protocol. A cached
         # name is then handed over before the loop ever reads, which spares
@@ -287,57 +294,6 @@ class _HelloReader(asyncio.BufferedProtocol):
             transport.abort()
 
 
-class _HelloClock:
-    """Closes connections whose ClientHello and context took too long.
-
-    Every deadline is accept time plus the one timeout in force, so they
-    come in accept order (a reload that changes the timeout moves them all
-    alike): a queue holds the readers, and one timer, armed for the oldest
-    deadline plus ``CLOCK_SLACK_S``, serves them all. A reader that has
-    moved on stays queued, small and inert, until its deadline passes.
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        timeout_s: float,
-        expire: Callable[[_HelloReader], None],
-    ) -> None:
-        self.loop = loop
-        self.timeout_s = timeout_s
-        self._expire = expire
-        self._readers: deque[_HelloReader] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, reader: _HelloReader) -> None:
-        reader.accepted_at = self.loop.time()
-        self._readers.append(reader)
-        if self._timer is None:
-            self._timer = self.loop.call_at(
-                self.deadline(reader) + CLOCK_SLACK_S, self._fire
-            )
-
-    def deadline(self, reader: _HelloReader) -> float:
-        """When ``reader``'s ClientHello and context must be done."""
-        return reader.accepted_at + self.timeout_s
-
-    def _fire(self) -> None:
-        self._timer = None
-        now = self.loop.time()
-        readers = self._readers
-        while readers and self.deadline(readers[0]) <= now:
-            reader = readers.popleft()
-            if reader.transport is not None:
-                try:
-                    self._expire(reader)
-                except Exception:
-                    log.opt(exception=True).error("hello clock failed")
-        if readers:
-            self._timer = self.loop.call_at(
-                self.deadline(readers[0]) + CLOCK_SLACK_S, self._fire
-            )
-
-
 class TlsListener:
     """Accepts connections on sockets of one TLS port and serves them."""
 
@@ -360,10 +316,15 @@ class TlsListener:
         self.fallback = fallback
         self.handshake_timeout_s = handshake_timeout_s
         self.stats = stats or ConnectionStats()
-        self.clock = _HelloClock(self.loop, handshake_timeout_s, self._expired)
+        # Readers of ClientHellos that came in pieces, handshakes, and
+        # closed sockets draining what their clients still send.
+        self.clock = Clock(self.loop, handshake_timeout_s, self._expired)
+        self.handshakes = Clock(self.loop, handshake_timeout_s, self._handshake_expired)
+        self.lingers = Clock(self.loop, LINGER_S, self._end_lingering)
         self.read_buffer = memoryview(bytearray(MAX_CLIENT_HELLO_BYTES))
         self._ssl_protocol = _ssl_protocol_class(self.loop)
-        self._servers: list[asyncio.AbstractServer] = []
+        self._accepting: list[socket.socket] = []
+        self._accept_retry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._factories: dict[str, Callable[[], asyncio.Protocol]] = {}
         self._closed = False
@@ -375,10 +336,11 @@ class TlsListener:
             # The kernel completes accept only once the client has sent
             # something (its ClientHello), so the first read finds it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
-            server = await self.loop.create_server(
-                self._new_reader, sock=sock, backlog=BACKLOG
-            )
-            self._servers.append(server)
+            # Accepted sockets inherit it: small answers go out at once.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            self._accepting.append(sock)
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets; call on the loop."""
@@ -386,9 +348,7 @@ class TlsListener:
             return
         self._closed = True
         self.plane.listeners.discard(self)
-        for server in self._servers:
-            server.close()
-        self._servers.clear()
+        self._stop_accepting()
         for sock in self.sockets:
             sock.close()
 
@@ -397,9 +357,180 @@ class TlsListener:
         self.fallback = fallback
         self.handshake_timeout_s = handshake_timeout_s
         self.clock.timeout_s = handshake_timeout_s
+        self.handshakes.timeout_s = handshake_timeout_s
 
     def _new_reader(self) -> _HelloReader:
         return _HelloReader(self)
+
+    # -- accepting ---------------------------------------------------------------
+
+    def _stop_accepting(self) -> None:
+        for sock in self._accepting:
+            self.loop.remove_reader(sock.fileno())
+        self._accepting.clear()
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+            self._accept_retry = None
+
+    def _resume_accepting(self) -> None:
+        self._accept_retry = None
+        if not self._closed:
+            for sock in self.sockets:
+                self._accepting.append(sock)
+                self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listening: socket.socket) -> None:
+        """Accept what is waiting (up to ``ACCEPT_BATCH``) and serve it."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, _ = listening._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in ACCEPT_PAUSE_ERRNOS:
+                    log.error(
+                        "accept failed port={} reason={}; accepting again in {} s",
+                        self.port,
+                        exc.strerror or exc,
+                        ACCEPT_RETRY_S,
+                    )
+                    self._stop_accepting()
+                    self._accept_retry = self.loop.call_later(
+                        ACCEPT_RETRY_S, self._resume_accepting
+                    )
+                    return
+                # The client left before it was accepted, and the like.
+                log.debug("accept failed port={} reason={!r}", self.port, exc)
+                continue
+            try:
+                connection = socket.socket(listening.family, socket.SOCK_STREAM, 0, fd)
+            except OSError:
+                os.close(fd)
+                raise
+            try:
+                self._accepted(connection)
+            except Exception:
+                self.stats.handshake_failures += 1
+                log.opt(exception=True).error("connection failed port={}", self.port)
+                connection.close()
+
+    def _accepted(self, connection: socket.socket) -> None:
+        """Peek at the ClientHello, choose its context, start the handshake.
+
+        The ClientHello stays in the socket (``MSG_PEEK``), where OpenSSL
+        reads it. A hello that is not all there yet, or that is refused,
+        goes the slow way (:meth:`_read_slowly`).
+        """
+        connection.setblocking(False)
+        try:
+            data = connection.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._read_slowly(connection)
+            return
+        except OSError as exc:
+            self.stats.handshake_failures += 1
+            log.debug("clienthello not read port={} reason={!r}", self.port, exc)
+            connection.close()
+            return
+        if not data:
+            self.stats.handshake_failures += 1
+            log.debug(
+                "clienthello not read port={} reason=connection closed before "
+                "a ClientHello",
+                self.port,
+            )
+            connection.close()
+            return
+        try:
+            hello = parse_client_hello(data)
+        except ClientHelloError:
+            self._read_slowly(connection)
+            return
+        if not hello.complete:
+            self._read_slowly(connection)
+            return
+        # The common case, a cached name, is served right here.
+        name = hello.server_name
+        if name is not None and self.plane.routes.tls_allowed(name, normalized=True):
+            entry = self.cache.lookup(name)
+            if entry is not None:
+                self._start_tls(connection, entry)
+                return
+        # A miss: this connection waits for the cache, no other does.
+        self._spawn(self._choose_then_start(connection, hello))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _choose_then_start(
+        self, connection: socket.socket, hello: ClientHello
+    ) -> None:
+        try:
+            entry = await self._choose(
+                hello, self.loop.time() + self.handshake_timeout_s
+            )
+        except HandshakeRefused as exc:
+            self.stats.rejected += 1
+            self.stats.handshake_failures += 1
+            log.debug("handshake refused: {} port={}", exc, self.port)
+            with contextlib.suppress(OSError):
+                connection.send(alert_record(exc.alert))
+            # The ClientHello is still unread: drained, so that no reset
+            # overtakes the alert.
+            linger(self.loop, connection, self.lingers)
+            return
+        except BaseException:
+            connection.close()
+            raise
+        self._start_tls(connection, entry)
+
+    def _read_slowly(self, connection: socket.socket) -> None:
+        """Serve ``connection`` through the loop's transports and TLS protocol.
+
+        For ClientHellos that arrive in pieces, and for those to refuse:
+        :class:`_HelloReader` collects the bytes as they come (the socket
+        cannot be read by OpenSSL once they are taken, and peeking again on
+        every readiness would spin), then hands over to the loop's own TLS.
+        """
+
+        async def connect() -> None:
+            try:
+                await self.loop.connect_accepted_socket(self._new_reader, connection)
+            except BaseException:
+                connection.close()
+                raise
+
+        self._spawn(connect())
+
+    def _start_tls(self, connection: socket.socket, entry: CachedContext) -> None:
+        transport = TlsTransport(
+            self.loop,
+            connection,
+            entry.context,
+            self._factory(entry.domain),
+            self,
+            self.lingers,
+        )
+        self.handshakes.add(transport)
+        transport.start()
+
+    def handshake_done(
+        self, transport: TlsTransport, exc: BaseException | None
+    ) -> None:
+        """A handshake ended; count it."""
+        if exc is None:
+            self.stats.handshakes += 1
+        else:
+            self.stats.handshake_failures += 1
+            log.debug("handshake failed port={} reason={!r}", self.port, exc)
+
+    def _handshake_expired(self, transport: TlsTransport) -> None:
+        transport.handshake_expired(self.handshake_timeout_s)
+
+    def _end_lingering(self, connection: socket.socket) -> None:
+        end_lingering(connection, self.loop)
 
     # -- the ClientHello -----------------------------------------------------
 
@@ -433,9 +564,7 @@ class TlsListener:
             reader.received = data
             reader.choosing = True
             reader.transport.pause_reading()
-            task = self.loop.create_task(self._choose_and_hand_over(reader, hello))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._choose_and_hand_over(reader, hello))
         except Exception:
             self._failed_unexpectedly(reader)
 
@@ -443,7 +572,7 @@ class TlsListener:
         self, reader: _HelloReader, hello: ClientHello
     ) -> None:
         try:
-            entry = await self._choose(hello, self.clock.deadline(reader))
+            entry = await self._choose(hello, self.clock.deadline(reader.accepted_at))
         except HandshakeRefused as exc:
             if reader.transport is not None:
                 self.stats.rejected += 1

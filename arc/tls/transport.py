@@ -1,0 +1,531 @@
+"""A TLS transport in which OpenSSL reads and writes the socket itself.
+
+How this works
+--------------
+The event loop's own TLS protocols (uvloop's and asyncio's) keep OpenSSL
+behind two memory buffers: every read is copied from the socket into one,
+every write out of the other, and a state machine around them runs for each
+record. :class:`TlsTransport` gives OpenSSL the socket instead (the
+``SSL_set_fd`` way, through ``SSLContext._wrap_socket`` on a non-blocking
+socket), so a handshake step or a read is one call into OpenSSL, which
+makes the system calls; the loop only says when the socket is readable or
+writable (``add_reader``, ``add_writer``). Measured with
+``scripts/bench_tls.py``, this is where most of the difference between
+Python's TLS and nginx's went.
+
+The transport has the asyncio ``Transport`` interface that the HTTP layer
+uses: ``write``, ``writelines``, ``close``, ``abort``, ``pause_reading``,
+``resume_reading``, write-buffer limits with ``pause_writing`` and
+``resume_writing`` on the protocol, and ``get_extra_info`` (``peername``,
+``sockname``, ``socket``, ``sslcontext``, ``ssl_object``, ``cipher``,
+``peercert``, ``compression``).
+
+What always holds
+-----------------
+- The protocol is made only once the handshake is complete; a failed
+  handshake is counted and logged at DEBUG, and the alert OpenSSL wrote
+  reaches the client before the connection closes.
+- ``write`` never blocks: what the socket does not take waits in the
+  transport's buffer, and above the high mark the protocol is told to pause.
+- ``close`` sends what is buffered, then ``close_notify``, then closes.
+  When the client has sent bytes that nobody read, the connection lingers
+  (write side shut, reading and discarding) until the client closes or
+  ``LINGER_S`` passes: closing with unread bytes would make the kernel
+  send a reset, which can destroy the end of the answer on its way.
+- ``connection_lost`` is called once, soon after the close, never inside it.
+- An exception from the protocol is logged with its traceback and closes
+  only that connection.
+
+LIMITATION: OpenSSL reads each record in two system calls (header, then
+body): Python offers no way to turn on read-ahead. nginx does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from loguru import logger
+
+log = logger.bind(actor="esper")
+
+# Decrypted bytes asked of OpenSSL per read: one full TLS record.
+READ_SIZE = 16 * 1024
+# asyncio's defaults for the write buffer marks.
+WRITE_HIGH_BYTES = 64 * 1024
+# How long a closed connection may keep draining what its client still sends.
+LINGER_S = 5.0
+# Reads per readiness while lingering.
+DRAIN_READS = 16
+
+_HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+
+
+class Clock:
+    """Deadlines that come in the order they were set, on one loop timer.
+
+    Every deadline is the time an item was added plus the clock's one
+    timeout, so they come in insertion order (a change of the timeout moves
+    them all alike): a queue holds the items, and one timer, armed for the
+    oldest deadline plus ``slack_s``, serves them all. Under load it fires a
+    few times a second instead of once per connection. An item whose
+    business ended stays queued, inert, until its deadline passes;
+    ``expire`` decides what a passed deadline still means.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout_s: float,
+        expire: Callable[[Any], None],
+        slack_s: float = 0.25,
+    ) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.slack_s = slack_s
+        self._expire = expire
+        self._items: deque[tuple[float, Any]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, item: Any) -> float:
+        """Queue ``item``; return the time it was added (see ``deadline``)."""
+        now = self.loop.time()
+        self._items.append((now, item))
+        if self._timer is None:
+            self._timer = self.loop.call_at(
+                self.deadline(now) + self.slack_s, self._fire
+            )
+        return now
+
+    def deadline(self, added_at: float) -> float:
+        """The deadline of an item added at ``added_at``."""
+        return added_at + self.timeout_s
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        items = self._items
+        while items and self.deadline(items[0][0]) <= now:
+            item = items.popleft()[1]
+            try:
+                self._expire(item)
+            except Exception:
+                log.opt(exception=True).error("connection clock failed")
+        if items:
+            self._timer = self.loop.call_at(
+                self.deadline(items[0][0]) + self.slack_s, self._fire
+            )
+
+
+class TlsTransport(asyncio.Transport):
+    """One server-side TLS connection whose socket OpenSSL drives.
+
+    ``owner`` is told ``handshake_done(transport, exc)`` once, whether the
+    handshake ended well (``exc`` None) or not; ``make_protocol`` is called
+    after a good handshake. Start it with :meth:`start`.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_context",
+        "_fd",
+        "_high",
+        "_lingers",
+        "_loop",
+        "_low",
+        "_make_protocol",
+        "_owner",
+        "_pending",
+        "_pending_size",
+        "_protocol",
+        "_reading",
+        "_sock",
+        "_ssl",
+        "_state",
+        "_writing_paused",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        make_protocol: Callable[[], asyncio.Protocol],
+        owner: Any,
+        lingers: Clock,
+    ) -> None:
+        self._loop = loop
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        self._context = context
+        # OpenSSL reads and writes the socket's descriptor; the socket
+        # object must live as long as this transport (OpenSSL's side keeps
+        # only a weak reference).
+        self._ssl: Any = context._wrap_socket(  # type: ignore[attr-defined]
+            sock, True, None, owner=None, session=None
+        )
+        self._make_protocol = make_protocol
+        self._protocol: Any = None
+        self._owner = owner
+        self._lingers = lingers
+        self._state = _HANDSHAKE
+        self._reading = True
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._high = WRITE_HIGH_BYTES
+        self._low = WRITE_HIGH_BYTES // 4
+        self._writing_paused = False
+
+    # -- the handshake --------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the handshake with what the client has sent so far."""
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._handshake()
+
+    def handshake_expired(self, timeout_s: float) -> None:
+        """The handshake timeout passed: end the connection if it is still on."""
+        if self._state == _HANDSHAKE:
+            self._handshake_failed(
+                TimeoutError(f"handshake not complete within {timeout_s} s")
+            )
+
+    def _on_readable(self) -> None:
+        if self._state == _OPEN:
+            self._read()
+        elif self._state == _HANDSHAKE:
+            self._handshake()
+
+    def _handshake(self) -> None:
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLWantWriteError:
+            # The first flight did not fit in the socket buffer: go on once
+            # the socket can take more.
+            self._loop.add_writer(self._fd, self._handshake_writable)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._handshake_failed(exc)
+            return
+        self._state = _OPEN
+        self._owner.handshake_done(self, None)
+        try:
+            self._protocol = self._make_protocol()
+            self._protocol.connection_made(self)
+        except Exception as exc:
+            self._protocol_failed(exc, "connection_made")
+            return
+        # The client's first request usually came with its Finished.
+        self._read()
+
+    def _handshake_writable(self) -> None:
+        self._loop.remove_writer(self._fd)
+        if self._state == _HANDSHAKE:
+            self._handshake()
+
+    def _handshake_failed(self, exc: BaseException) -> None:
+        self._owner.handshake_done(self, exc)
+        # Whatever alert OpenSSL wrote is on its way; let the client read it.
+        self._finish(None)
+
+    # -- reading ----------------------------------------------------------------
+
+    def _read(self) -> None:
+        read = self._ssl.read
+        while self._reading and self._state == _OPEN:
+            try:
+                data = read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                return
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""
+            except (ssl.SSLError, OSError) as exc:
+                self._fatal(exc)
+                return
+            if not data:
+                self._eof()
+                return
+            try:
+                self._protocol.data_received(data)
+            except Exception as exc:
+                self._protocol_failed(exc, "data_received")
+                return
+
+    def _eof(self) -> None:
+        try:
+            self._protocol.eof_received()
+        except Exception as exc:
+            self._protocol_failed(exc, "eof_received")
+            return
+        # TLS cannot stay half-open: what is buffered goes out, then the close.
+        self.close()
+
+    def is_reading(self) -> bool:
+        return self._reading and self._state == _OPEN
+
+    def pause_reading(self) -> None:
+        if self._reading and self._state == _OPEN:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._reading and self._state == _OPEN:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._on_readable)
+            # OpenSSL may hold decrypted bytes the socket will not announce.
+            if self._ssl.pending():
+                self._loop.call_soon(self._on_readable)
+
+    # -- writing ------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._state != _OPEN or not data:
+            return
+        if self._pending:
+            self._pending.append(bytes(data))
+            self._pending_size += len(data)
+            self._check_high()
+            return
+        try:
+            self._ssl.write(data)
+        except ssl.SSLWantWriteError:
+            self._pending.append(bytes(data))
+            self._pending_size += len(data)
+            self._loop.add_writer(self._fd, self._on_writable)
+            self._check_high()
+        except (ssl.SSLError, OSError) as exc:
+            self._fatal(exc)
+
+    def writelines(
+        self, list_of_data: Iterable[bytes | bytearray | memoryview]
+    ) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _on_writable(self) -> None:
+        pending = self._pending
+        # A retried write must start with the bytes of the refused one;
+        # OpenSSL takes it up where it stopped.
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending[:] = [data]
+        try:
+            self._ssl.write(data)
+        except ssl.SSLWantWriteError:
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._fatal(exc)
+            return
+        pending.clear()
+        self._pending_size = 0
+        self._loop.remove_writer(self._fd)
+        if self._writing_paused:
+            self._writing_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception as exc:
+                self._protocol_failed(exc, "resume_writing")
+                return
+        if self._state == _CLOSING:
+            self._shutdown()
+
+    def _check_high(self) -> None:
+        if self._pending_size > self._high and not self._writing_paused:
+            self._writing_paused = True
+            try:
+                self._protocol.pause_writing()
+            except Exception as exc:
+                self._protocol_failed(exc, "pause_writing")
+
+    def get_write_buffer_size(self) -> int:
+        return self._pending_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def set_write_buffer_limits(
+        self, high: int | None = None, low: int | None = None
+    ) -> None:
+        if high is None:
+            high = WRITE_HIGH_BYTES if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._check_high()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS connections cannot be half-closed")
+
+    # -- closing ------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._state != _OPEN
+
+    def close(self) -> None:
+        """Send what is buffered and ``close_notify``, then close."""
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if not self._pending:
+            self._shutdown()
+
+    def abort(self) -> None:
+        """Close at once; buffered bytes are dropped."""
+        if self._state == _CLOSED:
+            return
+        self._finish(None, drop=True)
+
+    def _shutdown(self) -> None:
+        # Sends close_notify; the client's own is not awaited.
+        with contextlib.suppress(ssl.SSLError, OSError):
+            self._ssl.shutdown()
+        self._finish(None)
+
+    def _fatal(self, exc: BaseException) -> None:
+        log.debug("tls connection failed fd={} reason={!r}", self._fd, exc)
+        self._finish(exc, drop=True)
+
+    def _protocol_failed(self, exc: BaseException, call: str) -> None:
+        log.opt(exception=exc).error("protocol.{}() failed; connection closed", call)
+        self._finish(exc, drop=True)
+
+    def _finish(self, exc: BaseException | None, drop: bool = False) -> None:
+        """Release the socket and tell the protocol, once."""
+        self._state = _CLOSED
+        if self._pending:
+            self._pending.clear()
+            self._pending_size = 0
+            self._loop.remove_writer(self._fd)
+        if drop:
+            self._close_socket()
+        else:
+            self._linger()
+        protocol, self._protocol = self._protocol, None
+        self._ssl = None
+        if protocol is not None:
+            self._loop.call_soon(protocol.connection_lost, exc)
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._loop.remove_reader(self._fd)
+            sock.close()
+
+    def _linger(self) -> None:
+        """Close now, unless the client sent bytes nobody read."""
+        sock, self._sock = self._sock, None
+        self._ssl = None
+        if sock is not None:
+            self._loop.remove_reader(self._fd)
+            linger(self._loop, sock, self._lingers)
+
+    # -- what the protocol may ask ----------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        sock, ssl_object = self._sock, self._ssl
+        if sock is None:
+            return default
+        if name == "peername":
+            return _address_or(sock.getpeername, default)
+        if name == "sockname":
+            return _address_or(sock.getsockname, default)
+        if name == "socket":
+            return sock
+        if name == "sslcontext":
+            return self._context
+        if ssl_object is None:
+            return default
+        if name == "ssl_object":
+            return ssl_object
+        if name == "cipher":
+            return ssl_object.cipher()
+        if name == "peercert":
+            return ssl_object.getpeercert()
+        if name == "compression":
+            return ssl_object.compression()
+        return default
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        protocol: asyncio.BaseProtocol = self._protocol
+        return protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+
+def _address_or(read: Callable[[], Any], default: Any) -> Any:
+    try:
+        return read()
+    except OSError:
+        return default
+
+
+def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, clock: Clock) -> None:
+    """Close ``sock`` once the peer has nothing unread in it.
+
+    With nothing waiting (the usual case: one system call to see) it closes
+    at once. Otherwise the write side is shut, so the peer sees the end,
+    and whatever arrives is read and dropped until the peer closes or
+    ``clock`` runs out.
+    """
+    try:
+        waiting = sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        sock.close()
+        return
+    except OSError:
+        sock.close()
+        return
+    if not waiting:
+        sock.close()
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        sock.close()
+        return
+    fd = sock.fileno()
+
+    def drain() -> None:
+        # Bounded per call, so a client that keeps sending cannot hold the
+        # loop; the clock ends it.
+        try:
+            for _ in range(DRAIN_READS):
+                if not sock.recv(65536):
+                    break
+            else:
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE):
+                log.debug("linger read failed reason={!r}", exc)
+        loop.remove_reader(fd)
+        sock.close()
+
+    loop.add_reader(fd, drain)
+    drain()
+    if sock.fileno() != -1:
+        clock.add(sock)
+
+
+def end_lingering(sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    """The linger time passed: close ``sock`` if it is still open."""
+    fd = sock.fileno()
+    if fd != -1:
+        loop.remove_reader(fd)
+        sock.close()
