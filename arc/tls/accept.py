@@ -6,63 +6,66 @@ Python's ``sni_callback`` runs inside the handshake and must answer at once,
 so it cannot wait for a certificate that is not cached yet. Arcology chooses
 the context *before* the handshake starts instead:
 
-1. ``loop.create_server`` accepts (in the loop's own code, no task per
-   connection) and gives each connection a :class:`_HelloReader`. With
-   ``TCP_DEFER_ACCEPT`` the kernel hands a connection over only once its
-   first bytes have arrived, so the ClientHello is usually whole in the
-   first read.
-2. The reader collects bytes until :func:`arc.tls.clienthello.parse_client_hello`
-   finds a whole ClientHello (it may span TCP segments; at most
-   ``MAX_CLIENT_HELLO_BYTES``).
-3. The server name picks the context: the cache's hit path, synchronously,
-   inside the read callback. On a miss, reading pauses and a task asks the
-   cache (which asks Cryptosaur: exact domain, then the wildcard one label
-   up); only that connection waits. The routing table must allow TLS for the
-   name (``routes.tls_allowed``).
+1. The listener accepts by itself (``loop.add_reader`` on the listening
+   socket, up to ``ACCEPT_BATCH`` connections a wake-up, no task or
+   transport per connection). With ``TCP_DEFER_ACCEPT`` the kernel hands a
+   connection over only once its first bytes have arrived, so the
+   ClientHello is normally there at once.
+2. It peeks at the ClientHello (``MSG_PEEK``: the bytes stay in the socket
+   for OpenSSL) and :func:`arc.tls.clienthello.parse_client_hello` reads the
+   server name.
+3. The server name picks the context: the cache's hit path, synchronously.
+   On a miss a task asks the cache (which asks Cryptosaur: exact domain,
+   then the wildcard one label up); only that connection waits, and what
+   the client sends meanwhile waits in the socket. The routing table must
+   allow TLS for the name (``routes.tls_allowed``).
 4. With no server name, an unusable one, or no certificate, the fallback
    setting decides: ``"reject"`` writes a plaintext ``unrecognized_name``
-   alert record and closes (the loop's TLS code would close silently), a
-   domain serves that domain's context instead. A certificate that may exist
-   but cannot be had (the store unreachable, a fetch slower than the
-   handshake timeout) is refused with ``internal_error`` instead, fallback
-   or not.
-5. Hand-over: the loop's own ``SSLProtocol`` (uvloop's, or asyncio's on
-   the default loop) is made for the chosen context and the HTTP protocol
-   from ``dataplane.http_protocol_factory`` (told the certificate's domain,
-   ``tls_domain``, so it can refuse hosts the certificate does not cover).
-   The bytes already read are written into its incoming buffer *before*
-   ``connection_made`` starts the handshake, so OpenSSL reads the same
-   ClientHello the reader parsed; then it becomes the transport's protocol.
-   This is what ``loop.start_tls`` does, minus its await and minus losing
-   the bytes uvloop has read already; ``MSG_PEEK`` plus
-   ``connect_accepted_socket`` would work too, at the cost of a peek system
-   call and a task per connection.
+   alert record and closes, a domain serves that domain's context instead.
+   A certificate that may exist but cannot be had (the store unreachable,
+   a fetch slower than the handshake timeout) is refused with
+   ``internal_error`` instead, fallback or not.
+5. The handshake and the connection belong to a
+   :class:`arc.tls.transport.TlsTransport`, in which OpenSSL reads and
+   writes the socket itself. Once the handshake is done it makes the HTTP
+   protocol from ``dataplane.http_protocol_factory`` (told the
+   certificate's domain, ``tls_domain``, so it can refuse hosts the
+   certificate does not cover).
+
+The slow way: a ClientHello that is not all there yet (it spans TCP
+segments, or the client was silent through the deferral) or that cannot be
+parsed goes to the event loop's own transport with a :class:`_HelloReader`,
+which collects the bytes as they come (peeking again on every readiness
+would spin), refuses what must be refused, and hands the connection to the
+loop's own ``SSLProtocol`` (uvloop's, or asyncio's on the default loop)
+with the bytes already read.
 
 What always holds
 -----------------
 - Reading the ClientHello and choosing its context together take at most
-  ``handshake_timeout_s`` (checked by one shared clock, up to
-  ``CLOCK_SLACK_S`` late); the handshake proper has the same bound again. A
-  client that sends nothing is held by the kernel for ``DEFER_ACCEPT_S``
-  first, at no cost to the loop.
+  ``handshake_timeout_s``; the handshake proper has the same bound again
+  (shared clocks, each up to a quarter of a second late). A client that
+  sends nothing is held by the kernel for ``DEFER_ACCEPT_S`` first, at no
+  cost to the loop.
 - A ClientHello larger than ``MAX_CLIENT_HELLO_BYTES`` is refused.
 - A slow certificate fetch delays only the connections asking for that
   name; cached names are served meanwhile.
 - Closing a listener stops accepting; connections already accepted carry on.
-- Refused connections get an alert record when the refusal is Arcology's
-  (policy, a malformed hello, a client that offers nothing newer than
-  TLS 1.1); peer failures are counted and logged at DEBUG.
+- Running out of descriptors or memory pauses accepting for
+  ``ACCEPT_RETRY_S`` (logged) instead of spinning; open connections go on.
+- Refused connections get an alert record, whether the refusal is
+  Arcology's (policy, a malformed hello, a client that offers nothing newer
+  than TLS 1.1) or OpenSSL's (no shared cipher suite or group); peer
+  failures are counted and logged at DEBUG.
 
 Limits
 ------
 LIMITATION: a ClientHello that hides its name (Encrypted Client Hello) is
 served by its outer, public name; ECH is not offered by these contexts, so
 clients fall back to a plain ClientHello.
-LIMITATION: a handshake that OpenSSL itself refuses (no shared group or
-cipher suite) ends in EOF for the client, not an alert: neither uvloop nor
-asyncio sends the alert OpenSSL wrote before closing. Only Arcology's own
-refusals carry an alert; they include clients too old to speak TLS 1.2,
-which the ClientHello shows before OpenSSL sees it.
+LIMITATION: on the slow way, a handshake that OpenSSL itself refuses ends
+in EOF for the client, not an alert: neither uvloop nor asyncio sends the
+alert OpenSSL wrote before closing.
 LIMITATION: TLS session resumption is per context; a client that reconnects
 after its name's context was rebuilt (certificate change, eviction, TTL)
 makes a full handshake.
@@ -92,7 +95,15 @@ from arc.tls.clienthello import (
     parse_client_hello,
 )
 from arc.tls.listener import BACKLOG
-from arc.tls.transport import LINGER_S, Clock, TlsTransport, end_lingering, linger
+from arc.tls.transport import (
+    LINGER_S,
+    Clock,
+    Poller,
+    TlsSocket,
+    TlsTransport,
+    end_lingering,
+    linger,
+)
 
 if TYPE_CHECKING:
     from arc.http.routing import RoutingTable
@@ -325,6 +336,7 @@ class TlsListener:
         self._ssl_protocol = _ssl_protocol_class(self.loop)
         self._accepting: list[socket.socket] = []
         self._accept_retry: asyncio.TimerHandle | None = None
+        self._poller: Poller | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._factories: dict[str, Callable[[], asyncio.Protocol]] = {}
         self._closed = False
@@ -332,6 +344,7 @@ class TlsListener:
     async def start(self) -> None:
         """Start accepting; run on the loop."""
         self.plane.listeners.add(self)
+        self._poller = Poller(self.loop)
         for sock in self.sockets:
             # The kernel completes accept only once the client has sent
             # something (its ClientHello), so the first read finds it.
@@ -339,8 +352,7 @@ class TlsListener:
             # Accepted sockets inherit it: small answers go out at once.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
-            self._accepting.append(sock)
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
+        self._resume_accepting()
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets; call on the loop."""
@@ -351,6 +363,9 @@ class TlsListener:
         self._stop_accepting()
         for sock in self.sockets:
             sock.close()
+        if self._poller is not None:
+            # Open connections carry on; the set closes after the last.
+            self._poller.close_when_idle()
 
     def configure(self, *, fallback: str, handshake_timeout_s: float) -> None:
         """Apply new settings (a reload) to connections from now on; on the loop."""
@@ -377,9 +392,11 @@ class TlsListener:
         if not self._closed:
             for sock in self.sockets:
                 self._accepting.append(sock)
-                self.loop.add_reader(sock.fileno(), self._accept, sock)
+                self.loop.add_reader(
+                    sock.fileno(), self._accept, sock, int(sock.family)
+                )
 
-    def _accept(self, listening: socket.socket) -> None:
+    def _accept(self, listening: socket.socket, family: int) -> None:
         """Accept what is waiting (up to ``ACCEPT_BATCH``) and serve it."""
         for _ in range(ACCEPT_BATCH):
             try:
@@ -403,7 +420,7 @@ class TlsListener:
                 log.debug("accept failed port={} reason={!r}", self.port, exc)
                 continue
             try:
-                connection = socket.socket(listening.family, socket.SOCK_STREAM, 0, fd)
+                connection = TlsSocket(family, socket.SOCK_STREAM, 0, fd)
             except OSError:
                 os.close(fd)
                 raise
@@ -414,7 +431,7 @@ class TlsListener:
                 log.opt(exception=True).error("connection failed port={}", self.port)
                 connection.close()
 
-    def _accepted(self, connection: socket.socket) -> None:
+    def _accepted(self, connection: TlsSocket) -> None:
         """Peek at the ClientHello, choose its context, start the handshake.
 
         The ClientHello stays in the socket (``MSG_PEEK``), where OpenSSL
@@ -465,7 +482,7 @@ class TlsListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _choose_then_start(
-        self, connection: socket.socket, hello: ClientHello
+        self, connection: TlsSocket, hello: ClientHello
     ) -> None:
         try:
             entry = await self._choose(
@@ -486,7 +503,7 @@ class TlsListener:
             raise
         self._start_tls(connection, entry)
 
-    def _read_slowly(self, connection: socket.socket) -> None:
+    def _read_slowly(self, connection: TlsSocket) -> None:
         """Serve ``connection`` through the loop's transports and TLS protocol.
 
         For ClientHellos that arrive in pieces, and for those to refuse:
@@ -495,18 +512,21 @@ class TlsListener:
         every readiness would spin), then hands over to the loop's own TLS.
         """
 
+        sock = socket.socket(connection.family, connection.type, 0, connection.detach())
+
         async def connect() -> None:
             try:
-                await self.loop.connect_accepted_socket(self._new_reader, connection)
+                await self.loop.connect_accepted_socket(self._new_reader, sock)
             except BaseException:
-                connection.close()
+                sock.close()
                 raise
 
         self._spawn(connect())
 
-    def _start_tls(self, connection: socket.socket, entry: CachedContext) -> None:
+    def _start_tls(self, connection: TlsSocket, entry: CachedContext) -> None:
+        assert self._poller is not None
         transport = TlsTransport(
-            self.loop,
+            self._poller,
             connection,
             entry.context,
             self._factory(entry.domain),
@@ -529,7 +549,7 @@ class TlsListener:
     def _handshake_expired(self, transport: TlsTransport) -> None:
         transport.handshake_expired(self.handshake_timeout_s)
 
-    def _end_lingering(self, connection: socket.socket) -> None:
+    def _end_lingering(self, connection: TlsSocket) -> None:
         end_lingering(connection, self.loop)
 
     # -- the ClientHello -----------------------------------------------------

@@ -42,9 +42,10 @@ body): Python offers no way to turn on read-ahead. nginx does the same.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
-import contextlib
 import errno
+import select
 import socket
 import ssl
 from collections import deque
@@ -64,7 +65,14 @@ LINGER_S = 5.0
 # Reads per readiness while lingering.
 DRAIN_READS = 16
 
+# Events handed to the loop per wake-up of a Poller.
+POLL_BATCH = 256
+
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_BROKEN = select.EPOLLERR | select.EPOLLHUP
+_READABLE = _IN | _BROKEN
+_WRITABLE = _OUT | _BROKEN
 
 
 class Clock:
@@ -123,6 +131,79 @@ class Clock:
             )
 
 
+class TlsSocket(_socket.socket):
+    """An accepted TLS connection's socket.
+
+    The C socket type itself: ``socket.socket`` adds Python-level steps to
+    making and closing a socket that a connection does not need. OpenSSL's
+    side of the connection needs the weak reference.
+    """
+
+    __slots__ = ("__weakref__",)
+
+
+class Poller:
+    """Readiness of many sockets through one epoll set the loop watches.
+
+    The loop's own ``add_reader`` costs several system calls per socket
+    (uvloop checks, adds, re-adds and deletes it with ``epoll_ctl``, and
+    sets it non-blocking again) and Python-level bookkeeping. Here a socket
+    costs one ``epoll_ctl`` to watch and one to forget, and the loop wakes
+    for the set as a whole. The watches are level-triggered, like the
+    loop's.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._epoll = select.epoll()
+        self._handlers: dict[int, Callable[[int], None]] = {}
+        self._closing = False
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def watch(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
+        """Call ``handler(events)`` while ``fd`` is ready for ``events``."""
+        self._epoll.register(fd, events)
+        self._handlers[fd] = handler
+
+    def change(self, fd: int, events: int) -> None:
+        """Watch ``fd`` for ``events`` from now on (0: errors and hang-ups only)."""
+        self._epoll.modify(fd, events)
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd``; call before it is closed."""
+        if self._handlers.pop(fd, None) is not None:
+            # Not contextlib.suppress: it costs three calls per connection.
+            try:  # noqa: SIM105
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # closed already
+        if self._closing and not self._handlers:
+            self._close()
+
+    def close_when_idle(self) -> None:
+        """Close the set once nothing is watched any more."""
+        self._closing = True
+        if not self._handlers:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._epoll.closed:
+            self.loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+
+    def _ready(self) -> None:
+        handlers = self._handlers
+        for fd, events in self._epoll.poll(0, POLL_BATCH):
+            handler = handlers.get(fd)
+            if handler is None:
+                # Forgotten within this batch.
+                continue
+            try:
+                handler(events)
+            except Exception:
+                log.opt(exception=True).error("connection handler failed fd={}", fd)
+
+
 class TlsTransport(asyncio.Transport):
     """One server-side TLS connection whose socket OpenSSL drives.
 
@@ -132,8 +213,8 @@ class TlsTransport(asyncio.Transport):
     """
 
     __slots__ = (
-        "_clock",
         "_context",
+        "_events",
         "_fd",
         "_high",
         "_lingers",
@@ -143,6 +224,7 @@ class TlsTransport(asyncio.Transport):
         "_owner",
         "_pending",
         "_pending_size",
+        "_poller",
         "_protocol",
         "_reading",
         "_sock",
@@ -153,15 +235,16 @@ class TlsTransport(asyncio.Transport):
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
+        poller: Poller,
+        sock: _socket.socket,
         context: ssl.SSLContext,
         make_protocol: Callable[[], asyncio.Protocol],
         owner: Any,
         lingers: Clock,
     ) -> None:
-        self._loop = loop
-        self._sock: socket.socket | None = sock
+        self._poller = poller
+        self._loop = poller.loop
+        self._sock: _socket.socket | None = sock
         self._fd = sock.fileno()
         self._context = context
         # OpenSSL reads and writes the socket's descriptor; the socket
@@ -175,6 +258,7 @@ class TlsTransport(asyncio.Transport):
         self._owner = owner
         self._lingers = lingers
         self._state = _HANDSHAKE
+        self._events = _IN
         self._reading = True
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -182,11 +266,31 @@ class TlsTransport(asyncio.Transport):
         self._low = WRITE_HIGH_BYTES // 4
         self._writing_paused = False
 
+    def _want(self, events: int) -> None:
+        if events != self._events:
+            self._events = events
+            self._poller.change(self._fd, events)
+
+    def _on_event(self, events: int) -> None:
+        state = self._state
+        if state == _HANDSHAKE:
+            self._handshake()
+            return
+        if self._pending and events & _WRITABLE:
+            self._on_writable()
+        if self._state == _OPEN and events & _READABLE:
+            if self._reading:
+                self._read()
+            elif events & _BROKEN:
+                # Reading is paused and the peer is gone: nothing more can
+                # be sent or received.
+                self._fatal(ConnectionResetError("connection reset by peer"))
+
     # -- the handshake --------------------------------------------------------
 
     def start(self) -> None:
         """Start the handshake with what the client has sent so far."""
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._poller.watch(self._fd, _IN, self._on_event)
         self._handshake()
 
     def handshake_expired(self, timeout_s: float) -> None:
@@ -196,25 +300,21 @@ class TlsTransport(asyncio.Transport):
                 TimeoutError(f"handshake not complete within {timeout_s} s")
             )
 
-    def _on_readable(self) -> None:
-        if self._state == _OPEN:
-            self._read()
-        elif self._state == _HANDSHAKE:
-            self._handshake()
-
     def _handshake(self) -> None:
         try:
             self._ssl.do_handshake()
         except ssl.SSLWantReadError:
+            self._want(_IN)
             return
         except ssl.SSLWantWriteError:
             # The first flight did not fit in the socket buffer: go on once
             # the socket can take more.
-            self._loop.add_writer(self._fd, self._handshake_writable)
+            self._want(_IN | _OUT)
             return
         except (ssl.SSLError, OSError) as exc:
             self._handshake_failed(exc)
             return
+        self._want(_IN)
         self._state = _OPEN
         self._owner.handshake_done(self, None)
         try:
@@ -226,15 +326,10 @@ class TlsTransport(asyncio.Transport):
         # The client's first request usually came with its Finished.
         self._read()
 
-    def _handshake_writable(self) -> None:
-        self._loop.remove_writer(self._fd)
-        if self._state == _HANDSHAKE:
-            self._handshake()
-
     def _handshake_failed(self, exc: BaseException) -> None:
         self._owner.handshake_done(self, exc)
         # Whatever alert OpenSSL wrote is on its way; let the client read it.
-        self._finish(None)
+        self._finish(None, linger_on=True)
 
     # -- reading ----------------------------------------------------------------
 
@@ -259,6 +354,10 @@ class TlsTransport(asyncio.Transport):
                 self._protocol_failed(exc, "data_received")
                 return
 
+    def _read_pending(self) -> None:
+        if self._reading and self._state == _OPEN:
+            self._read()
+
     def _eof(self) -> None:
         try:
             self._protocol.eof_received()
@@ -274,15 +373,15 @@ class TlsTransport(asyncio.Transport):
     def pause_reading(self) -> None:
         if self._reading and self._state == _OPEN:
             self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._want(_OUT if self._pending else 0)
 
     def resume_reading(self) -> None:
         if not self._reading and self._state == _OPEN:
             self._reading = True
-            self._loop.add_reader(self._fd, self._on_readable)
+            self._want(_IN | _OUT if self._pending else _IN)
             # OpenSSL may hold decrypted bytes the socket will not announce.
             if self._ssl.pending():
-                self._loop.call_soon(self._on_readable)
+                self._loop.call_soon(self._read_pending)
 
     # -- writing ------------------------------------------------------------------
 
@@ -299,7 +398,7 @@ class TlsTransport(asyncio.Transport):
         except ssl.SSLWantWriteError:
             self._pending.append(bytes(data))
             self._pending_size += len(data)
-            self._loop.add_writer(self._fd, self._on_writable)
+            self._want(self._events | _OUT)
             self._check_high()
         except (ssl.SSLError, OSError) as exc:
             self._fatal(exc)
@@ -324,16 +423,16 @@ class TlsTransport(asyncio.Transport):
             return
         pending.clear()
         self._pending_size = 0
-        self._loop.remove_writer(self._fd)
+        if self._state == _CLOSING:
+            self._shutdown()
+            return
+        self._want(_IN if self._reading else 0)
         if self._writing_paused:
             self._writing_paused = False
             try:
                 self._protocol.resume_writing()
             except Exception as exc:
                 self._protocol_failed(exc, "resume_writing")
-                return
-        if self._state == _CLOSING:
-            self._shutdown()
 
     def _check_high(self) -> None:
         if self._pending_size > self._high and not self._writing_paused:
@@ -377,61 +476,60 @@ class TlsTransport(asyncio.Transport):
         if self._state != _OPEN:
             return
         self._state = _CLOSING
-        if self._reading:
-            self._reading = False
-            self._loop.remove_reader(self._fd)
-        if not self._pending:
+        self._reading = False
+        if self._pending:
+            self._want(_OUT)
+        else:
             self._shutdown()
 
     def abort(self) -> None:
         """Close at once; buffered bytes are dropped."""
-        if self._state == _CLOSED:
-            return
-        self._finish(None, drop=True)
+        if self._state != _CLOSED:
+            self._finish(None)
 
     def _shutdown(self) -> None:
-        # Sends close_notify; the client's own is not awaited.
-        with contextlib.suppress(ssl.SSLError, OSError):
+        # Sends close_notify, then tries to read the client's, which is not
+        # awaited. Wanting to read means the socket had nothing more: it
+        # can close without a reset.
+        try:
             self._ssl.shutdown()
+        except ssl.SSLWantReadError:
+            self._finish(None)
+            return
+        except (ssl.SSLError, OSError):
+            self._finish(None, linger_on=True)
+            return
         self._finish(None)
 
     def _fatal(self, exc: BaseException) -> None:
         log.debug("tls connection failed fd={} reason={!r}", self._fd, exc)
-        self._finish(exc, drop=True)
+        self._finish(exc)
 
     def _protocol_failed(self, exc: BaseException, call: str) -> None:
         log.opt(exception=exc).error("protocol.{}() failed; connection closed", call)
-        self._finish(exc, drop=True)
+        self._finish(exc)
 
-    def _finish(self, exc: BaseException | None, drop: bool = False) -> None:
-        """Release the socket and tell the protocol, once."""
+    def _finish(self, exc: BaseException | None, linger_on: bool = False) -> None:
+        """Release the socket and tell the protocol, once.
+
+        ``linger_on``: the client may have sent bytes nobody read; see
+        :func:`linger`.
+        """
         self._state = _CLOSED
         if self._pending:
             self._pending.clear()
             self._pending_size = 0
-            self._loop.remove_writer(self._fd)
-        if drop:
-            self._close_socket()
-        else:
-            self._linger()
-        protocol, self._protocol = self._protocol, None
+        sock, self._sock = self._sock, None
         self._ssl = None
+        if sock is not None:
+            self._poller.forget(self._fd)
+            if linger_on:
+                linger(self._loop, sock, self._lingers)
+            else:
+                sock.close()
+        protocol, self._protocol = self._protocol, None
         if protocol is not None:
             self._loop.call_soon(protocol.connection_lost, exc)
-
-    def _close_socket(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self._loop.remove_reader(self._fd)
-            sock.close()
-
-    def _linger(self) -> None:
-        """Close now, unless the client sent bytes nobody read."""
-        sock, self._sock = self._sock, None
-        self._ssl = None
-        if sock is not None:
-            self._loop.remove_reader(self._fd)
-            linger(self._loop, sock, self._lingers)
 
     # -- what the protocol may ask ----------------------------------------------
 
@@ -474,7 +572,7 @@ def _address_or(read: Callable[[], Any], default: Any) -> Any:
         return default
 
 
-def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, clock: Clock) -> None:
+def linger(loop: asyncio.AbstractEventLoop, sock: _socket.socket, clock: Clock) -> None:
     """Close ``sock`` once the peer has nothing unread in it.
 
     With nothing waiting (the usual case: one system call to see) it closes
@@ -523,7 +621,7 @@ def linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, clock: Clock) -
         clock.add(sock)
 
 
-def end_lingering(sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+def end_lingering(sock: _socket.socket, loop: asyncio.AbstractEventLoop) -> None:
     """The linger time passed: close ``sock`` if it is still open."""
     fd = sock.fileno()
     if fd != -1:
