@@ -66,7 +66,10 @@ class DataPlane:
         self.listeners: set[Any] = set()
         self.connections: set[Any] = set()
         self.draining = False
-        self._routes: RoutingTable | None = None
+        from arc.http.routing import RoutingTable
+
+        # The routing table in force; ``install_routes`` swaps it whole.
+        self.routes: RoutingTable = RoutingTable.empty()
         self._thread = threading.Thread(
             target=self._run, name="arc-dataplane", daemon=True
         )
@@ -146,15 +149,6 @@ class DataPlane:
         if self._thread.is_alive():
             log.warning("data plane did not stop in time")
 
-    @property
-    def routes(self) -> RoutingTable:
-        """The routing table in force."""
-        if self._routes is None:
-            from arc.http.routing import RoutingTable
-
-            self._routes = RoutingTable.empty()
-        return self._routes
-
     def requests_by_class(self) -> dict[str, int]:
         """HTTP answers so far by status class: ``{"2xx": n, ...}``."""
         counts = list(self.answers_by_class)
@@ -162,7 +156,7 @@ class DataPlane:
 
     def install_routes(self, table: RoutingTable) -> None:
         """Swap the whole routing table; safe from any thread."""
-        self._routes = table
+        self.routes = table
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run a coroutine on the loop from another thread."""

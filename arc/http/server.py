@@ -484,7 +484,12 @@ class HttpProtocol(asyncio.Protocol):
         port = self.port
         route: Route | None = None
         if self.is_tls:
-            if self.tls_domain is not None and not covers(self.tls_domain, host):
+            tls_domain = self.tls_domain
+            if (
+                tls_domain is not None
+                and tls_domain != host
+                and not covers(tls_domain, host)
+            ):
                 self._error(ex, 421)
                 return
             for candidate in routes:

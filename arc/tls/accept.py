@@ -525,11 +525,12 @@ class TlsListener:
 
     def _start_tls(self, connection: TlsSocket, entry: CachedContext) -> None:
         assert self._poller is not None
+        factory = self._factories.get(entry.domain) or self._factory(entry.domain)
         transport = TlsTransport(
             self._poller,
             connection,
             entry.context,
-            self._factory(entry.domain),
+            factory,
             self,
             self.lingers,
         )

@@ -323,7 +323,8 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...]]:
                             f"ClientHello: extension {kind} appears twice"
                         )
                     seen_alpn = True
-                    alpn = _parse_alpn(body[pos - length : pos])
+                    offer = body[pos - length : pos]
+                    alpn = _OFFERS.get(offer) or _parse_alpn(offer)
     except struct.error:
         raise _truncated(what, "extension header", 4, pos, end) from None
     if pos > end:
@@ -372,7 +373,8 @@ def _parse_server_name(data: bytes) -> str | None:
         and ((data[0] << 8) | data[1]) == size - 2
         and ((data[3] << 8) | data[4]) == size - 5
     ):
-        return _normalised(data[5:])
+        raw = data[5:]
+        return _NAMES.get(raw) or _normalised(raw)
     what = "server_name extension"
     if size < 2:
         raise _truncated(what, "server_name_list length", 2, 0, size)

@@ -304,7 +304,8 @@ class TlsTransport(asyncio.Transport):
         try:
             self._ssl.do_handshake()
         except ssl.SSLWantReadError:
-            self._want(_IN)
+            if self._events != _IN:
+                self._want(_IN)
             return
         except ssl.SSLWantWriteError:
             # The first flight did not fit in the socket buffer: go on once
@@ -314,7 +315,8 @@ class TlsTransport(asyncio.Transport):
         except (ssl.SSLError, OSError) as exc:
             self._handshake_failed(exc)
             return
-        self._want(_IN)
+        if self._events != _IN:
+            self._want(_IN)
         self._state = _OPEN
         self._owner.handshake_done(self, None)
         try:
