@@ -1,9 +1,11 @@
 """A real data plane serving HTTP on loopback ports, for the HTTP tests.
 
 ``Plane`` starts a ``DataPlane`` (its own uvloop thread), binds free ports on
-127.0.0.1 and serves ``HttpProtocol`` on them, plain or TLS (a trustme
-certificate and a server context made here). Services are defined after the
-ports are known, since routing matches a service's port.
+127.0.0.1 and serves ``HttpProtocol`` on them: plain through the loop's
+server, TLS through Arcology's own ``TlsListener`` and TLS transport (one
+trustme certificate, served for every name and to clients without SNI).
+Services are defined after the ports are known, since routing matches a
+service's port.
 """
 
 from __future__ import annotations
@@ -20,16 +22,11 @@ import trustme
 from arc.config import Config, ServiceConfig, Settings
 from arc.dataplane import DataPlane
 from arc.http.routing import RoutingTable
+from arc.tls.accept import TlsListener
+from arc.tls.cache import ContextCache
 
 CA = trustme.CA()
 CERT = CA.issue_cert("shop.example.com", "*.example.com", "localhost", "127.0.0.1")
-
-
-def server_context() -> ssl.SSLContext:
-    """A TLS server context for shop.example.com, *.example.com, localhost."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    CERT.configure_cert(ctx)
-    return ctx
 
 
 def client_context() -> ssl.SSLContext:
@@ -37,6 +34,33 @@ def client_context() -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     CA.configure_trust(ctx)
     return ctx
+
+
+async def _fetch_test_certificate(name: str) -> dict[str, Any]:
+    """The test certificate, whatever the name (as a store would answer)."""
+    chain = b"".join(blob.bytes() for blob in CERT.cert_chain_pems)
+    return {"domain": name, "chain_pem": chain, "key_pem": CERT.private_key_pem.bytes()}
+
+
+class _TlsPlane:
+    """The data plane as a TlsListener sees it, with the test's ``tls_domain``."""
+
+    def __init__(self, dataplane: DataPlane, tls_domain: str | None) -> None:
+        self.dataplane = dataplane
+        self.tls_domain = tls_domain
+        self.loop = dataplane.loop
+        self.listeners = dataplane.listeners
+
+    @property
+    def routes(self) -> RoutingTable:
+        return self.dataplane.routes
+
+    def http_protocol_factory(
+        self, *, port: int, scheme: str, tls_domain: str | None
+    ) -> Any:
+        return self.dataplane.http_protocol_factory(
+            port=port, scheme=scheme, tls_domain=self.tls_domain
+        )
 
 
 def free_socket() -> socket.socket:
@@ -59,17 +83,31 @@ class Plane:
         self.servers: list[Any] = []
 
     def listen(self, *, tls: bool = False, tls_domain: str | None = None) -> int:
-        """Serve HTTP on a new free port; the port number."""
+        """Serve HTTP on a new free port; the port number.
+
+        ``tls_domain``: the certificate domain the HTTP layer checks Host
+        headers against (None: no check).
+        """
         sock = free_socket()
         port: int = sock.getsockname()[1]
+        if tls:
+            listener = TlsListener(
+                _TlsPlane(self.dataplane, tls_domain),
+                port,
+                [sock],
+                ContextCache(_fetch_test_certificate),
+                fallback="shop.example.com",
+            )
+            self.dataplane.run(listener.start())
+            self.servers.append(listener)
+            return port
         factory = self.dataplane.http_protocol_factory(
-            port=port, scheme="https" if tls else "http", tls_domain=tls_domain
+            port=port, scheme="http", tls_domain=None
         )
-        ctx = server_context() if tls else None
 
         async def serve() -> Any:
             loop = self.dataplane.loop
-            return await loop.create_server(factory, sock=sock, ssl=ctx)
+            return await loop.create_server(factory, sock=sock)
 
         self.servers.append(self.dataplane.run(serve()))
         return port
