@@ -32,13 +32,12 @@ the context *before* the handshake starts instead:
    certificate's domain, ``tls_domain``, so it can refuse hosts the
    certificate does not cover).
 
-The slow way: a ClientHello that is not all there yet (it spans TCP
-segments, or the client was silent through the deferral) or that cannot be
-parsed goes to the event loop's own transport with a :class:`_HelloReader`,
-which collects the bytes as they come (peeking again on every readiness
-would spin), refuses what must be refused, and hands the connection to the
-loop's own ``SSLProtocol`` (uvloop's, or asyncio's on the default loop)
-with the bytes already read.
+A ClientHello that is not all there yet (it spans TCP segments, or the
+client was silent through the deferral) waits in the listener's epoll set,
+watched edge-triggered: each arrival of bytes wakes it once, the bytes are
+peeked at again whole, and once the hello is complete the connection goes on
+from step 3. The bytes never leave the socket before OpenSSL reads them, so
+every connection, whole hello or not, is served by the same transport.
 
 What always holds
 -----------------
@@ -63,9 +62,6 @@ Limits
 LIMITATION: a ClientHello that hides its name (Encrypted Client Hello) is
 served by its outer, public name; ECH is not offered by these contexts, so
 clients fall back to a plain ClientHello.
-LIMITATION: on the slow way, a handshake that OpenSSL itself refuses ends
-in EOF for the client, not an alert: neither uvloop nor asyncio sends the
-alert OpenSSL wrote before closing.
 LIMITATION: TLS session resumption is per context; a client that reconnects
 after its name's context was rebuilt (certificate change, eviction, TTL)
 makes a full handshake.
@@ -74,9 +70,9 @@ makes a full handshake.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
+import select
 import socket
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -127,26 +123,14 @@ ACCEPT_RETRY_S = 1.0
 # its factory instead of the table starting over every few thousand
 # handshakes; a factory is two small closures, so the bound is about 10 MB.
 MAX_FACTORIES = 16384
+# A connection waiting for the rest of its ClientHello: woken when bytes
+# arrive or the peer closes, once per change (edge-triggered).
+_HELLO_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_HELLO_ENDS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 # The fallback value that refuses a handshake without a usable certificate.
 FALLBACK_REJECT = "reject"
 
 log = logger.bind(actor="esper")
-
-
-def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
-    """The loop's own TLS protocol: uvloop's on a uvloop loop, else asyncio's.
-
-    Each loop's transports know their own class best (uvloop reads straight
-    into its buffer, with no Python call per read).
-    """
-    if type(loop).__module__.startswith("uvloop"):
-        import uvloop.loop
-
-        protocol: Callable[..., Any] = uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
-        return protocol
-    from asyncio.sslproto import SSLProtocol
-
-    return SSLProtocol
 
 
 class Plane(Protocol):
@@ -215,94 +199,22 @@ class HandshakeRefused(Exception):
         self.alert = alert
 
 
-class _HelloReader(asyncio.BufferedProtocol):
-    """One connection until its ClientHello is read and its context chosen.
+class _HelloWait:
+    """A connection whose ClientHello is not all there yet.
 
-    ``received`` holds every byte the connection has sent so far;
-    ``choosing`` is set while a task fetches the context; ``refused`` once
-    an alert was sent and only the close remains; ``transport`` is None once
-    the connection is handed over or gone.
+    ``connection`` is None once the hello was read (or the connection
+    dropped); its entry on the hello clock is inert from then on.
     """
 
-    __slots__ = (
-        "accepted_at",
-        "choosing",
-        "listener",
-        "received",
-        "refused",
-        "transport",
-    )
+    __slots__ = ("accepted_at", "connection", "listener")
 
-    def __init__(self, listener: TlsListener) -> None:
+    def __init__(self, listener: TlsListener, connection: TlsSocket) -> None:
         self.listener = listener
-        self.transport: asyncio.Transport | None = None
-        self.received = b""
-        self.choosing = False
-        self.refused = False
+        self.connection: TlsSocket | None = connection
         self.accepted_at = 0.0
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses; same API.
-        self.transport = transport  # type: ignore[assignment]
-        listener = self.listener
-        self.accepted_at = listener.clock.add(self)
-        # Deferred accept means the ClientHello is normally waiting: read it
-        # now, before the loop starts reading for this protocol. A cached
-        # name is then handed over before the loop ever reads, which spares
-        # the loop a stop and restart of reading (two system calls) and a
-        # wait for readiness.
-        try:
-            fd = transport.get_extra_info("socket").fileno()
-            data = os.read(fd, MAX_CLIENT_HELLO_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return  # not there yet: the loop reads it when it comes
-        except OSError as exc:
-            listener.hello_failed(self, f"read failed: {exc!r}")
-            transport.abort()  # type: ignore[attr-defined]
-            return
-        if not data:
-            listener.hello_failed(self, "connection closed before a ClientHello")
-            transport.close()
-            return
-        listener.hello_received(self, data)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Every reader shares one buffer: the loop calls buffer_updated
-        # before it reads for any other connection.
-        return self.listener.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        data = self.listener.read_buffer[:nbytes].tobytes()
-        if self.refused or self.transport is None:
-            return
-        data = self.received + data
-        if self.choosing:
-            # Early bytes after the hello wait with it for the hand-over.
-            if len(data) > MAX_CLIENT_HELLO_BYTES:
-                self.listener.hello_failed(self, "too many bytes before the handshake")
-                self.abort()
-                return
-            self.received = data
-            return
-        self.listener.hello_received(self, data)
-
-    def eof_received(self) -> bool | None:
-        if self.transport is not None and not self.refused:
-            self.listener.hello_failed(self, "connection closed before a ClientHello")
-        self.transport = None
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None and not self.refused:
-            self.listener.hello_failed(self, f"connection lost: {exc!r}")
-        self.transport = None
-
-    def abort(self) -> None:
-        """Drop the connection at once."""
-        transport = self.transport
-        self.transport = None
-        if transport is not None:
-            transport.abort()
+    def ready(self, events: int) -> None:
+        self.listener.hello_ready(self, events)
 
 
 class TlsListener:
@@ -327,13 +239,11 @@ class TlsListener:
         self.fallback = fallback
         self.handshake_timeout_s = handshake_timeout_s
         self.stats = stats or ConnectionStats()
-        # Readers of ClientHellos that came in pieces, handshakes, and
-        # closed sockets draining what their clients still send.
-        self.clock = Clock(self.loop, handshake_timeout_s, self._expired)
+        # ClientHellos that come in pieces, handshakes, and closed sockets
+        # draining what their clients still send.
+        self.clock = Clock(self.loop, handshake_timeout_s, self._hello_expired)
         self.handshakes = Clock(self.loop, handshake_timeout_s, self._handshake_expired)
         self.lingers = Clock(self.loop, LINGER_S, self._end_lingering)
-        self.read_buffer = memoryview(bytearray(MAX_CLIENT_HELLO_BYTES))
-        self._ssl_protocol = _ssl_protocol_class(self.loop)
         self._accepting: list[socket.socket] = []
         self._accept_retry: asyncio.TimerHandle | None = None
         self._poller: Poller | None = None
@@ -373,9 +283,6 @@ class TlsListener:
         self.handshake_timeout_s = handshake_timeout_s
         self.clock.timeout_s = handshake_timeout_s
         self.handshakes.timeout_s = handshake_timeout_s
-
-    def _new_reader(self) -> _HelloReader:
-        return _HelloReader(self)
 
     # -- accepting ---------------------------------------------------------------
 
@@ -435,37 +342,39 @@ class TlsListener:
         """Peek at the ClientHello, choose its context, start the handshake.
 
         The ClientHello stays in the socket (``MSG_PEEK``), where OpenSSL
-        reads it. A hello that is not all there yet, or that is refused,
-        goes the slow way (:meth:`_read_slowly`).
+        reads it. A hello that is not all there yet waits in a
+        :class:`_HelloWait` for the rest.
         """
         connection.setblocking(False)
         try:
             data = connection.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            self._read_slowly(connection)
+            self._wait_for_hello(connection)
             return
         except OSError as exc:
-            self.stats.handshake_failures += 1
-            log.debug("clienthello not read port={} reason={!r}", self.port, exc)
-            connection.close()
+            self._drop(connection, f"read failed: {exc!r}")
             return
         if not data:
-            self.stats.handshake_failures += 1
-            log.debug(
-                "clienthello not read port={} reason=connection closed before "
-                "a ClientHello",
-                self.port,
-            )
-            connection.close()
+            self._drop(connection, "connection closed before a ClientHello")
             return
         try:
             hello = parse_client_hello(data)
-        except ClientHelloError:
-            self._read_slowly(connection)
+        except ClientHelloError as exc:
+            self._refuse(connection, f"clienthello refused: {exc.message}", exc.alert)
             return
         if not hello.complete:
-            self._read_slowly(connection)
+            self._wait_for_hello(connection)
             return
+        self._serve(connection, hello, None)
+
+    def _serve(
+        self, connection: TlsSocket, hello: ClientHello, deadline: float | None
+    ) -> None:
+        """Start the handshake for a whole ClientHello.
+
+        ``deadline``: when choosing the context must be done by (None: the
+        handshake timeout from now).
+        """
         # The common case, a cached name, is served right here.
         name = hello.server_name
         if name is not None and self.plane.routes.tls_allowed(name, normalized=True):
@@ -474,7 +383,9 @@ class TlsListener:
                 self._start_tls(connection, entry)
                 return
         # A miss: this connection waits for the cache, no other does.
-        self._spawn(self._choose_then_start(connection, hello))
+        if deadline is None:
+            deadline = self.loop.time() + self.handshake_timeout_s
+        self._spawn(self._choose_then_start(connection, hello, deadline))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(work)
@@ -482,46 +393,18 @@ class TlsListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _choose_then_start(
-        self, connection: TlsSocket, hello: ClientHello
+        self, connection: TlsSocket, hello: ClientHello, deadline: float
     ) -> None:
         try:
-            entry = await self._choose(
-                hello, self.loop.time() + self.handshake_timeout_s
-            )
+            entry = await self._choose(hello, deadline)
         except HandshakeRefused as exc:
             self.stats.rejected += 1
-            self.stats.handshake_failures += 1
-            log.debug("handshake refused: {} port={}", exc, self.port)
-            with contextlib.suppress(OSError):
-                connection.send(alert_record(exc.alert))
-            # The ClientHello is still unread: drained, so that no reset
-            # overtakes the alert.
-            linger(self.loop, connection, self.lingers)
+            self._refuse(connection, f"handshake refused: {exc}", exc.alert)
             return
         except BaseException:
             connection.close()
             raise
         self._start_tls(connection, entry)
-
-    def _read_slowly(self, connection: TlsSocket) -> None:
-        """Serve ``connection`` through the loop's transports and TLS protocol.
-
-        For ClientHellos that arrive in pieces, and for those to refuse:
-        :class:`_HelloReader` collects the bytes as they come (the socket
-        cannot be read by OpenSSL once they are taken, and peeking again on
-        every readiness would spin), then hands over to the loop's own TLS.
-        """
-
-        sock = socket.socket(connection.family, connection.type, 0, connection.detach())
-
-        async def connect() -> None:
-            try:
-                await self.loop.connect_accepted_socket(self._new_reader, sock)
-            except BaseException:
-                sock.close()
-                raise
-
-        self._spawn(connect())
 
     def _start_tls(self, connection: TlsSocket, entry: CachedContext) -> None:
         assert self._poller is not None
@@ -553,149 +436,89 @@ class TlsListener:
     def _end_lingering(self, connection: TlsSocket) -> None:
         end_lingering(connection, self.loop)
 
-    # -- the ClientHello -----------------------------------------------------
-
-    def hello_received(self, reader: _HelloReader, data: bytes) -> None:
-        """``data`` is everything the connection has sent so far."""
-        try:
-            try:
-                hello = parse_client_hello(data)
-            except ClientHelloError as exc:
-                self._refuse(reader, f"clienthello refused: {exc.message}", exc.alert)
-                return
-            if not hello.complete:
-                reader.received = data
-                return
-
-            # The common case, a cached name, is served right here.
-            name = hello.server_name
-            entry = None
-            # parse_client_hello normalised the name already.
-            if name is not None and self.plane.routes.tls_allowed(
-                name, normalized=True
-            ):
-                entry = self.cache.lookup(name)
-            if entry is not None:
-                reader.received = b""
-                self._hand_over(reader, data, entry)
-                return
-
-            # A miss: this connection waits for the cache, no other does.
-            assert reader.transport is not None
-            reader.received = data
-            reader.choosing = True
-            reader.transport.pause_reading()
-            self._spawn(self._choose_and_hand_over(reader, hello))
-        except Exception:
-            self._failed_unexpectedly(reader)
-
-    async def _choose_and_hand_over(
-        self, reader: _HelloReader, hello: ClientHello
-    ) -> None:
-        try:
-            entry = await self._choose(hello, self.clock.deadline(reader.accepted_at))
-        except HandshakeRefused as exc:
-            if reader.transport is not None:
-                self.stats.rejected += 1
-                self._refuse(reader, f"handshake refused: {exc}", exc.alert)
-            return
-        except Exception:
-            self._failed_unexpectedly(reader)
-            return
-        transport = reader.transport
-        if transport is None or transport.is_closing():
-            # Timed out, or the client left, while the context was fetched.
-            return
-        data, reader.received, reader.choosing = reader.received, b"", False
-        try:
-            self._hand_over(reader, data, entry)
-            transport.resume_reading()
-        except Exception:
-            self._failed_unexpectedly(reader)
-
-    def hello_failed(self, reader: _HelloReader, reason: str) -> None:
-        """The peer went away before its context was chosen."""
-        reader.transport = None
+    def _drop(self, connection: TlsSocket, reason: str) -> None:
+        """The peer left or broke the connection before its handshake."""
         self.stats.handshake_failures += 1
         log.debug("clienthello not read port={} reason={}", self.port, reason)
+        connection.close()
 
-    def _expired(self, reader: _HelloReader) -> None:
-        transport = reader.transport
-        reader.transport = None
-        if transport is None:
-            return
-        if not reader.refused:
-            self.stats.handshake_failures += 1
-            log.debug(
-                "clienthello not read port={} reason=not complete within {} s",
-                self.port,
-                self.handshake_timeout_s,
-            )
-        transport.abort()
-
-    def _refuse(self, reader: _HelloReader, reason: str, alert: int) -> None:
-        """Send a fatal alert and end the connection once the peer has read it.
-
-        The connection half-closes after the alert and reads on (discarding)
-        until the peer closes or the hello clock runs out: closing at once
-        with unread bytes would make the kernel send a reset, which can reach
-        the client before the alert and hide it.
-        """
-        transport = reader.transport
-        if transport is None or reader.refused:
-            return
-        reader.refused = True
-        reader.received = b""
+    def _refuse(self, connection: TlsSocket, reason: str, alert: int) -> None:
+        """Send a fatal alert, then close once the peer has had the chance to
+        read it (the ClientHello is still unread: a close now would make the
+        kernel send a reset, which can overtake the alert)."""
         self.stats.handshake_failures += 1
         log.debug("{} port={}", reason, self.port)
-        transport.write(alert_record(alert))
-        if transport.can_write_eof():
-            transport.write_eof()
-        else:  # pragma: no cover - TCP transports can
-            transport.close()
-        if not transport.is_reading():
-            transport.resume_reading()
+        try:
+            connection.send(alert_record(alert))
+        except OSError:
+            connection.close()
+            return
+        linger(self.loop, connection, self.lingers)
 
-    def _failed_unexpectedly(self, reader: _HelloReader) -> None:
-        # A bug, not the peer: no caller will see it, so it is logged here.
-        self.stats.handshake_failures += 1
-        log.opt(exception=True).error("connection failed port={}", self.port)
-        reader.abort()
+    # -- a ClientHello in pieces ---------------------------------------------
 
-    # -- the handshake ---------------------------------------------------------
+    def _wait_for_hello(self, connection: TlsSocket) -> None:
+        """Watch ``connection`` until its ClientHello is all there.
 
-    def _hand_over(
-        self, reader: _HelloReader, data: bytes, entry: CachedContext
-    ) -> None:
-        """Give the connection to a TLS protocol for ``entry``'s context."""
-        transport = reader.transport
-        assert transport is not None
-        reader.transport = None
-        waiter = self.loop.create_future()
-        protocol = self._ssl_protocol(
-            self.loop,
-            self._factory(entry.domain)(),
-            entry.context,
-            waiter,
-            server_side=True,
-            ssl_handshake_timeout=self.handshake_timeout_s,
+        The watch is edge-triggered: each wake-up means that bytes arrived
+        or the peer closed, and each time the bytes are peeked at again,
+        whole, so that they stay in the socket for OpenSSL. A client that
+        sends a byte at a time costs one wake-up per byte, and the hello
+        clock bounds the whole wait.
+        """
+        assert self._poller is not None
+        wait = _HelloWait(self, connection)
+        wait.accepted_at = self.clock.add(wait)
+        self._poller.watch(connection.fileno(), _HELLO_EVENTS, wait.ready)
+
+    def hello_ready(self, wait: _HelloWait, events: int) -> None:
+        """Bytes arrived for ``wait`` (or the peer closed): look again."""
+        connection = wait.connection
+        if connection is None:
+            return
+        try:
+            data = connection.recv(MAX_CLIENT_HELLO_BYTES, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError as exc:
+            self._stop_waiting(wait)
+            self._drop(connection, f"read failed: {exc!r}")
+            return
+        closed = bool(events & _HELLO_ENDS)
+        if not data:
+            if closed or data is not None:
+                self._stop_waiting(wait)
+                self._drop(connection, "connection closed before a ClientHello")
+            return
+        try:
+            hello = parse_client_hello(data)
+        except ClientHelloError as exc:
+            self._stop_waiting(wait)
+            self._refuse(connection, f"clienthello refused: {exc.message}", exc.alert)
+            return
+        if not hello.complete:
+            if closed:
+                self._stop_waiting(wait)
+                self._drop(connection, "connection closed inside its ClientHello")
+            return
+        self._stop_waiting(wait)
+        # Reading the hello and choosing its context share one timeout.
+        self._serve(connection, hello, self.clock.deadline(wait.accepted_at))
+
+    def _stop_waiting(self, wait: _HelloWait) -> None:
+        connection = wait.connection
+        wait.connection = None
+        if connection is not None and self._poller is not None:
+            self._poller.forget(connection.fileno())
+
+    def _hello_expired(self, wait: _HelloWait) -> None:
+        connection = wait.connection
+        if connection is None:
+            return  # read and handed on in time
+        self._stop_waiting(wait)
+        self._drop(
+            connection, f"ClientHello not complete within {self.handshake_timeout_s} s"
         )
-        # The bytes go in before the handshake starts, so OpenSSL's first
-        # read finds the ClientHello that was parsed here.
-        size = len(data)
-        protocol.get_buffer(size)[:size] = data
-        protocol.buffer_updated(size)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        waiter.add_done_callback(self._handshake_done)
-
-    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
-        exc = None if waiter.cancelled() else waiter.exception()
-        if exc is None:
-            self.stats.handshakes += 1
-        else:
-            self.stats.handshake_failures += 1
-            log.debug("handshake failed port={} reason={!r}", self.port, exc)
 
     def _factory(self, domain: str) -> Callable[[], asyncio.Protocol]:
         """The counted HTTP protocol factory for a certificate's domain."""

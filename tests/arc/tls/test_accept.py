@@ -160,6 +160,57 @@ def test_a_client_hello_split_over_two_segments_is_read_whole(
     assert version == "TLSv1.3"
 
 
+def test_a_client_hello_sent_a_byte_at_a_time_is_read_whole(tmp_path: Path) -> None:
+    with serving(tmp_path) as srv:
+        srv.store.add("example.com")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = srv.client_context().wrap_bio(
+            incoming, outgoing, server_hostname="example.com"
+        )
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+
+        with socket.create_connection(("127.0.0.1", srv.port), 5) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for offset in range(0, 40):
+                raw.sendall(hello[offset : offset + 1])
+                time.sleep(0.002)
+            raw.sendall(hello[40:])
+            name = _finish_handshake(raw, tls, incoming, outgoing)
+
+    assert name == "example.com"
+    assert srv.stats.handshakes == 1
+
+
+def test_a_split_hello_that_openssl_refuses_gets_an_alert(tmp_path: Path) -> None:
+    with serving(tmp_path) as srv:
+        srv.store.add("example.com")
+        # A TLS 1.2 client whose only suite (RSA key exchange) the server
+        # does not offer.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers("AES128-SHA")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="example.com")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+
+        with socket.create_connection(("127.0.0.1", srv.port), 5) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.sendall(hello[:10])
+            time.sleep(0.05)
+            raw.sendall(hello[10:])
+            answer = raw.recv(100)
+
+    # A fatal handshake_failure (40) alert record.
+    assert answer[:1] == b"\x15" and answer[-2:] == b"\x02\x28"
+    assert srv.stats.handshake_failures == 1
+
+
 def test_a_silent_client_is_closed_after_the_handshake_timeout(
     tmp_path: Path,
 ) -> None:
@@ -171,6 +222,24 @@ def test_a_silent_client_is_closed_after_the_handshake_timeout(
 
     assert data == b""
     assert 0.25 < waited < 3.0
+    assert srv.stats.handshake_failures == 1
+
+
+def test_a_client_that_stops_inside_its_hello_is_closed_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path, handshake_timeout_s=0.3) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), 5) as raw:
+            raw.sendall(bytes.fromhex("160301020001") + bytes(50))
+            started = time.monotonic()
+            try:
+                data = raw.recv(100)
+            except ConnectionResetError:  # the unread hello makes it a reset
+                data = b""
+            waited = time.monotonic() - started
+
+    assert data == b""
+    assert 0.2 < waited < 3.0
     assert srv.stats.handshake_failures == 1
 
 
