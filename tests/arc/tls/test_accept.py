@@ -129,17 +129,24 @@ def test_a_deleted_certificate_stops_being_served(tmp_path: Path) -> None:
             srv.connect("example.com")
 
 
+def _memory_client(
+    context: ssl.SSLContext, name: str
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    """A client on memory buffers, and the ClientHello it wants to send."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return tls, incoming, outgoing, outgoing.read()
+
+
 def test_a_client_hello_split_over_two_segments_is_read_whole(
     tmp_path: Path,
 ) -> None:
     with serving(tmp_path) as srv:
         srv.store.add("example.com")
         context = srv.client_context()
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(incoming, outgoing, server_hostname="example.com")
-        with pytest.raises(ssl.SSLWantReadError):
-            tls.do_handshake()
-        hello = outgoing.read()
+        tls, incoming, outgoing, hello = _memory_client(context, "example.com")
 
         with socket.create_connection(("127.0.0.1", srv.port), 5) as raw:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -163,13 +170,9 @@ def test_a_client_hello_split_over_two_segments_is_read_whole(
 def test_a_client_hello_sent_a_byte_at_a_time_is_read_whole(tmp_path: Path) -> None:
     with serving(tmp_path) as srv:
         srv.store.add("example.com")
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = srv.client_context().wrap_bio(
-            incoming, outgoing, server_hostname="example.com"
+        tls, incoming, outgoing, hello = _memory_client(
+            srv.client_context(), "example.com"
         )
-        with pytest.raises(ssl.SSLWantReadError):
-            tls.do_handshake()
-        hello = outgoing.read()
 
         with socket.create_connection(("127.0.0.1", srv.port), 5) as raw:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -193,11 +196,7 @@ def test_a_split_hello_that_openssl_refuses_gets_an_alert(tmp_path: Path) -> Non
         context.verify_mode = ssl.CERT_NONE
         context.maximum_version = ssl.TLSVersion.TLSv1_2
         context.set_ciphers("AES128-SHA")
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(incoming, outgoing, server_hostname="example.com")
-        with pytest.raises(ssl.SSLWantReadError):
-            tls.do_handshake()
-        hello = outgoing.read()
+        *_, hello = _memory_client(context, "example.com")
 
         with socket.create_connection(("127.0.0.1", srv.port), 5) as raw:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -350,13 +349,9 @@ def test_bytes_sent_while_the_context_is_fetched_reach_the_handshake(
     with serving(tmp_path) as srv:
         srv.store.add("late.example.com")
         srv.store.delay_s = 0.3
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        client = srv.client_context().wrap_bio(
-            incoming, outgoing, server_hostname="late.example.com"
+        client, incoming, outgoing, hello = _memory_client(
+            srv.client_context(), "late.example.com"
         )
-        with pytest.raises(ssl.SSLWantReadError):
-            client.do_handshake()
-        hello = outgoing.read()
 
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
             raw.sendall(hello)
