@@ -586,19 +586,20 @@ class HttpProtocol(asyncio.Protocol):
         answer = static.respond(
             ex.method, ex.raw_path, ex.query, dict(headers) if len(headers) > 1 else {}
         )
-        extra = answer.raw_headers
         body = answer.body
-        if isinstance(body, FileBody):
-            ex.status = answer.status
-            ex.response_started = True
-            head = self._head(ex, answer.status, extra, body.length)
-            if ex.method == "HEAD":
-                self.write(head)
-                self.finish(ex)
-                return
+        ex.status = answer.status
+        ex.response_started = True
+        head = self._head(ex, answer.head)
+        if ex.method == "HEAD":
+            self.write(head)
+        elif isinstance(body, FileBody):
             ex.task = self.loop.create_task(self._stream_file(ex, head, body))
             return
-        self._simple(ex, answer.status, extra, body)
+        else:
+            self.write(head + body)
+            ex.sent_bytes = len(body)
+        ex.response_done = True
+        self.finish(ex)
 
     async def _stream_file(self, ex: Exchange, head: bytes, body: FileBody) -> None:
         # Large files: read in a worker thread, one chunk ahead of the socket.
@@ -625,7 +626,8 @@ class HttpProtocol(asyncio.Protocol):
             ex.response_done = True
             self.finish(ex)
 
-    def _head(self, ex: Exchange, status: int, extra: bytes, length: int) -> bytes:
+    def _head(self, ex: Exchange, start: bytes) -> bytes:
+        # ``start``: the status line, the answer's headers and its length.
         if ex.expect_continue and not ex.body_done:
             # The client waits for 100 Continue that will not come; it may
             # send the body or not, so the framing is unknown: close after.
@@ -634,24 +636,16 @@ class HttpProtocol(asyncio.Protocol):
             conn = b"connection: keep-alive\r\n" if ex.http_version == "1.0" else b""
         else:
             conn = b"connection: close\r\n"
-        return b"".join(
-            (
-                status_line(status),
-                extra,
-                ex.extra_headers,
-                b"content-length: %d\r\n" % length,
-                conn,
-                date_header(),
-                b"\r\n",
-            )
-        )
+        return b"".join((start, ex.extra_headers, conn, date_header(), b"\r\n"))
 
     def _simple(self, ex: Exchange, status: int, extra: bytes, body: bytes) -> None:
         # One write and done: the common inline answer.
         ex.status = status
         ex.response_started = True
         ex.response_done = True
-        head = self._head(ex, status, extra, len(body))
+        head = self._head(
+            ex, status_line(status) + extra + b"content-length: %d\r\n" % len(body)
+        )
         if ex.method == "HEAD" or not body:
             self.write(head)
         else:
@@ -809,7 +803,8 @@ class HttpProtocol(asyncio.Protocol):
             ex.response_started = True
             ex.response_done = True
             ex.sent_bytes = len(body)
-            self.write(self._head(ex, status, b"", len(body)) + body)
+            start = status_line(status) + b"content-length: %d\r\n" % len(body)
+            self.write(self._head(ex, start) + body)
         ex.lost()
         if ex.task is None:
             self.finish(ex)

@@ -50,6 +50,8 @@ from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
+from arc.http.errors import status_line
+
 # Small enough that reading inline costs less than handing off to a thread.
 INLINE_MAX_BYTES = 64 * 1024
 # Entries of the inline cache: at most 256 * 64 KiB = 16 MiB of file bytes.
@@ -88,18 +90,28 @@ class FileBody:
 class StaticResponse:
     """What to answer: status, headers (without framing) and the body.
 
-    ``raw_headers`` is the header block as bytes (``name: value\r\n`` each),
-    built once so a cached answer costs no formatting per request.
+    ``head`` is the start of the answer as bytes: the status line, the
+    headers (``name: value\r\n`` each) and ``content-length``, built once so
+    that a cached answer costs no formatting per request; the server adds
+    the connection's own lines and the blank line.
     """
 
     status: int
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes | FileBody = b""
-    raw_headers: bytes = field(default=b"", compare=False)
+    head: bytes = field(default=b"", compare=False)
 
     def __post_init__(self) -> None:
-        raw = b"".join(name + b": " + value + b"\r\n" for name, value in self.headers)
-        object.__setattr__(self, "raw_headers", raw)
+        body = self.body
+        length = body.length if isinstance(body, FileBody) else len(body)
+        head = b"".join(
+            (
+                status_line(self.status),
+                *(name + b": " + value + b"\r\n" for name, value in self.headers),
+                b"content-length: %d\r\n" % length,
+            )
+        )
+        object.__setattr__(self, "head", head)
 
     @property
     def length(self) -> int:
