@@ -27,13 +27,6 @@ after ``cache_ttl_s``).
 
 Cost: about 1 ms of CPU per context and about 25 KiB of memory.
 
-The contexts are ``ServerContext``s: their ``wrap_bio`` gives the event
-loop's TLS protocol an ``SSLObject`` whose methods (handshake, read, write,
-pending, shutdown, and the peer certificate, cipher and compression read
-after the handshake) are the C methods themselves, not the Python wrappers
-of the ``ssl`` module that only pass the call on; a connection makes some
-fifteen such calls.
-
 LIMITATION: the DHE suites of the profile are left out: Python 3.11 cannot
 load the ffdhe2048 group the profile prescribes, so they would never be
 chosen; clients that support only DHE (none among current browsers) cannot
@@ -65,56 +58,6 @@ INTERMEDIATE_CIPHERS = ":".join(
 ALPN_PROTOCOLS = ["http/1.1"]
 
 
-class _DirectSSLObject(ssl.SSLObject):
-    """An ``SSLObject`` whose methods are OpenSSL's, not the ``ssl`` wrappers.
-
-    ``ssl.SSLObject`` forwards each call to its C object with the same
-    arguments; the C methods bound on the instance (they shadow the class's)
-    behave the same, errors included, for one Python frame less per call.
-    ``ServerContext.wrap_bio`` makes these.
-    """
-
-
-class ServerContext(ssl.SSLContext):
-    """A server context whose ``SSLObject``s call OpenSSL directly."""
-
-    def wrap_bio(
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
-        """``SSLContext.wrap_bio`` in one frame instead of four.
-
-        The event loop's TLS protocol calls this once per connection, then
-        about fifteen of the methods bound here.
-        """
-        # What SSLContext.wrap_bio and SSLObject._create do, in one place.
-        if server_hostname is not None:
-            server_hostname = self._encode_hostname(server_hostname)  # type: ignore[attr-defined]
-        wrapper = _DirectSSLObject.__new__(_DirectSSLObject)
-        sslobj = self._wrap_bio(  # type: ignore[attr-defined]
-            incoming,
-            outgoing,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            owner=wrapper,
-            session=session,
-        )
-        wrapper._sslobj = sslobj  # type: ignore[attr-defined]
-        wrapper.do_handshake = sslobj.do_handshake  # type: ignore[method-assign]
-        wrapper.read = sslobj.read  # type: ignore[method-assign]
-        wrapper.write = sslobj.write  # type: ignore[method-assign]
-        wrapper.pending = sslobj.pending  # type: ignore[method-assign]
-        wrapper.unwrap = sslobj.shutdown  # type: ignore[method-assign]
-        wrapper.getpeercert = sslobj.getpeercert  # type: ignore[method-assign]
-        wrapper.cipher = sslobj.cipher  # type: ignore[method-assign]
-        wrapper.compression = sslobj.compression  # type: ignore[method-assign]
-        return wrapper
-
-
 def build_context(domain: str, chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
     """Build the server context that presents ``chain_pem`` for ``domain``.
 
@@ -128,7 +71,7 @@ def build_context(domain: str, chain_pem: bytes, key_pem: bytes) -> ssl.SSLConte
             leaf's; the message names the domain and what was wrong.
     """
     check_key_matches_leaf(domain, chain_pem, key_pem)
-    context = new_server_context(ServerContext)
+    context = new_server_context()
     fd = os.memfd_create("arc-tls-bundle", os.MFD_CLOEXEC)
     try:
         os.write(fd, chain_pem + b"\n" + key_pem)
@@ -142,9 +85,9 @@ def build_context(domain: str, chain_pem: bytes, key_pem: bytes) -> ssl.SSLConte
     return context
 
 
-def new_server_context(kind: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
-    """A server context of class ``kind``: the protocol settings, no certificate."""
-    context = kind(ssl.PROTOCOL_TLS_SERVER)
+def new_server_context() -> ssl.SSLContext:
+    """A server context with the protocol settings and no certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.set_ciphers(INTERMEDIATE_CIPHERS)

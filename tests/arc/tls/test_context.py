@@ -74,7 +74,7 @@ def test_context_presents_the_chain_and_speaks_tls13_with_http11() -> None:
     assert tls.getpeercert()["subject"] == ((("commonName", "shop.example.com"),),)
 
 
-def test_server_objects_call_openssl_directly_and_carry_data_both_ways() -> None:
+def test_server_objects_carry_data_both_ways_and_close_cleanly() -> None:
     chain = make_chain("shop.example.com")
     context = build_context("shop.example.com", chain.chain_pem, chain.key_pem)
     link = Link(context, chain.client_context(), "shop.example.com")
@@ -92,10 +92,7 @@ def test_server_objects_call_openssl_directly_and_carry_data_both_ways() -> None
         server.unwrap()
     link.carry()
 
-    assert type(server).__name__ == "_DirectSSLObject"
-    assert server.read == server._sslobj.read  # the C method, no wrapper
     assert server.version() == "TLSv1.3"
-    # What the event loop reads once the handshake is done.
     assert server.getpeercert() is None  # no client certificate asked for
     assert server.cipher() == client.cipher()
     assert server.compression() is None
