@@ -37,7 +37,8 @@ What always holds
   only that connection.
 
 LIMITATION: OpenSSL reads each record in two system calls (header, then
-body): Python offers no way to turn on read-ahead. nginx does the same.
+body), about ten reads per connection: Python offers no way to turn on
+OpenSSL's read-ahead, which nginx turns on.
 """
 
 from __future__ import annotations
