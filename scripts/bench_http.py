@@ -257,7 +257,7 @@ def run_python(port: int, path: str, duration_s: float, connections: int) -> flo
     ]
     for w in workers:
         w.start()
-    total = sum(queue.get(timeout=duration_s + 30) for _ in workers)
+    total: float = sum(queue.get(timeout=duration_s + 30) for _ in workers)
     for w in workers:
         w.join(10)
     return total / (time.monotonic() - start)

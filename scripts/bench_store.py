@@ -42,8 +42,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -120,7 +121,7 @@ def fill_a_certificate_each(config: Config, domains: list[str]) -> None:
     master = store._key  # the bench seals like the store does
     store.close()
 
-    def rows() -> object:
+    def rows() -> Iterator[tuple[Any, ...]]:
         for n, domain in enumerate(domains):
             b = bundles[n % len(bundles)]
             fingerprint = hashlib.sha256(domain.encode()).hexdigest()

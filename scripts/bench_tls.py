@@ -371,7 +371,8 @@ def serve_bare(port: int, files: dict[str, str], use_uvloop: bool) -> None:
             if chosen is not None:
                 sslobj.context = chosen
 
-        context.sni_callback = pick  # type: ignore[assignment]
+        context.sni_callback = pick
+    loop: asyncio.AbstractEventLoop
     if use_uvloop:
         import uvloop
 
@@ -462,6 +463,12 @@ def run_nginx(
         master.kill()
         raise RuntimeError(f"nginx: expected one worker, found {workers}")
     return port, master, int(workers[0]), start_s
+
+
+def stop_nginx(master: subprocess.Popen[bytes]) -> None:
+    """Stop nginx gracefully (its workers finish first)."""
+    master.send_signal(signal.SIGQUIT)
+    master.wait(30)
 
 
 # -- the run -------------------------------------------------------------------
@@ -581,9 +588,7 @@ def main() -> None:
         started = None if args.no_nginx else run_nginx(base, site, files)
         if started is not None:
             port, master, worker, start_s = started
-            stoppers.append(
-                lambda: (master.send_signal(signal.SIGQUIT), master.wait(30))
-            )
+            stoppers.append(lambda: stop_nginx(master))
             servers["nginx"] = (worker, port)
             rows.append(
                 (f"nginx start with {len(files)} certificates", f"{start_s:.1f} s")

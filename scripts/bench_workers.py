@@ -68,6 +68,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -267,7 +268,7 @@ def client(port: int, count: int, root_pem: str, failures: object, rate: float) 
 
 def one_round(
     server: Server, connections: int, clients: int, root_pem: str, rate: float = 0.0
-) -> dict:
+) -> dict[str, Any]:
     """Load the server once; return CPU, time and the spread of this round.
 
     ``rate`` is the connections per second of each client (0: back to back).
@@ -304,11 +305,11 @@ def one_round(
         "per_s": connections / elapsed,
         "switches_per_conn": switches / connections,
         "accepts": accepts,
-        "failed": failures.value,  # type: ignore[attr-defined]
+        "failed": failures.value,
     }
 
 
-def report(workers: int, rounds: list[dict], code: int) -> dict:
+def report(workers: int, rounds: list[dict[str, Any]], code: int) -> dict[str, Any]:
     """Print one worker count's rounds; return its median and totals."""
     for number, result in enumerate(rounds, 1):
         spread = ", ".join(
@@ -335,7 +336,7 @@ def report(workers: int, rounds: list[dict], code: int) -> dict:
 
 def measure(
     args: argparse.Namespace, bundle: bytes, root: str
-) -> dict[str, tuple[dict, dict]]:
+) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Both worker counts under both loads, their rounds interleaved.
 
     Both servers run side by side (an idle one costs nothing measurable) and
@@ -353,7 +354,7 @@ def measure(
     }
     with tempfile.TemporaryDirectory(prefix="arc-bench-workers-") as tmp:
         servers = {w: Server(Path(tmp) / f"w{w}", w) for w in (1, 2)}
-        rounds: dict[tuple[str, int], list[dict]] = {}
+        rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
         codes: dict[int, int] = {}
         try:
             for server in servers.values():
@@ -376,7 +377,7 @@ def measure(
         finally:
             for workers, server in servers.items():
                 codes[workers] = server.stop()
-        results: dict[str, tuple[dict, dict]] = {}
+        results: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         for load, clients in loads.items():
             print(
                 f"{load}: {clients[1][0]} / {clients[2][0]} client processes, "
@@ -425,11 +426,11 @@ def main() -> int:
     )
     results = measure(args, chain.bundle(), root)
 
-    def ratios(one: dict, two: dict) -> list[float]:
+    def ratios(one: dict[str, Any], two: dict[str, Any]) -> list[float]:
         # Both sides of each ratio come from the same round.
         return [b / a for a, b in zip(one["rounds"], two["rounds"], strict=True)]
 
-    def compared(one: dict, two: dict) -> tuple[float, str]:
+    def compared(one: dict[str, Any], two: dict[str, Any]) -> tuple[float, str]:
         each = ratios(one, two)
         middle = statistics.median(each)
         return abs(middle - 1), (

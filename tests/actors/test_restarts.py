@@ -25,7 +25,7 @@ from tests.e2e.server import free_port
 def crash_once(cls: type, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``cls.method`` raise a bug-like error on its next call only."""
     original: Callable[..., Any] = getattr(cls, method)
-    calls = []
+    calls: list[int] = []
 
     def crashing(self: Any, payload: Any) -> Any:
         if not calls:

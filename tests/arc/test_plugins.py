@@ -313,7 +313,9 @@ def test_a_plugin_in_a_crash_storm_is_given_up_unless_it_is_required(
                 rt.request("fragile.crash", timeout=1)
             if stops:
                 return rt.stopping.is_set()
-            states = {a["name"]: a["state"] for a in rt.status()["actors"]}
+            states: dict[str, str] = {
+                a["name"]: a["state"] for a in rt.status()["actors"]
+            }
             return states["fragile"] == "failed"
 
         assert wait_for(done, 10)

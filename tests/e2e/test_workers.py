@@ -165,14 +165,13 @@ def test_a_dead_worker_is_replaced_a_hangup_reloads_all_and_stopping_stops_all(
     assert workers.process.process is not None
     workers.process.process.send_signal(signal.SIGHUP)
     for index in (0, 1):
-        workers.process.wait_until(
-            lambda line, i=index: (
-                "reloading services signal=SIGHUP" in line
-                and line.endswith(f"worker={i}")
-            ),
-            10,
-            f"worker {index} reloading",
-        )
+
+        def reloading(line: str, i: int = index) -> bool:
+            return "reloading services signal=SIGHUP" in line and line.endswith(
+                f"worker={i}"
+            )
+
+        workers.process.wait_until(reloading, 10, f"worker {index} reloading")
 
     assert workers.process.stop(signal.SIGTERM) == 0
     for pid in after.values():

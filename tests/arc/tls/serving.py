@@ -85,7 +85,7 @@ def request(tls: socket.socket, host: str) -> tuple[str, bytes]:
     return head.split(b"\r\n")[0].decode(), body
 
 
-def peer_common_name(tls: ssl.SSLSocket) -> str:
+def peer_common_name(tls: ssl.SSLSocket | ssl.SSLObject) -> str:
     """The commonName of the certificate the server presented."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID

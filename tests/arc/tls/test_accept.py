@@ -300,7 +300,7 @@ def test_a_slow_fetch_does_not_delay_handshakes_of_cached_domains(
             thread.start()
         time.sleep(0.05)
 
-        durations = []
+        durations: list[float] = []
         while any(thread.is_alive() for thread in slow) and len(durations) < 200:
             started = time.perf_counter()
             srv.connect("example.com").close()
@@ -397,9 +397,7 @@ def _finish_handshake(
         except ssl.SSLError:
             return None
         raw.sendall(outgoing.read())
-        cert = client.getpeercert()
-        subject = dict(item[0] for item in cert["subject"])
-        return str(subject["commonName"])
+        return peer_common_name(client)
     raise AssertionError("the handshake did not finish in time")
 
 

@@ -71,7 +71,9 @@ def test_context_presents_the_chain_and_speaks_tls13_with_http11() -> None:
 
     assert tls.version() == "TLSv1.3"
     assert tls.selected_alpn_protocol() == "http/1.1"
-    assert tls.getpeercert()["subject"] == ((("commonName", "shop.example.com"),),)
+    cert = tls.getpeercert()
+    assert cert is not None
+    assert cert["subject"] == ((("commonName", "shop.example.com"),),)
 
 
 def test_server_objects_carry_data_both_ways_and_close_cleanly() -> None:
@@ -99,6 +101,7 @@ def test_server_objects_carry_data_both_ways_and_close_cleanly() -> None:
     assert server.server_side and server.context is context
     assert server.pending() == 0
     assert request == b"GET / HTTP/1.1\r\n\r\n"
+    assert isinstance(answered, int)  # the count read into the buffer
     assert bytes(buffer[:answered]) == b"HTTP/1.1 200 OK\r\n\r\n"
     assert client.read(64) == b""  # the server's close_notify arrived
 
@@ -114,9 +117,11 @@ def test_rsa_chain_works_over_tls12() -> None:
         "rsa.example.com",
     )
 
+    cipher = tls.cipher()
+    assert cipher is not None
     assert tls.version() == "TLSv1.2"
-    assert tls.cipher()[0] in INTERMEDIATE_CIPHERS.split(":")
-    assert tls.cipher()[0].startswith("ECDHE-RSA-")
+    assert cipher[0] in INTERMEDIATE_CIPHERS.split(":")
+    assert cipher[0].startswith("ECDHE-RSA-")
 
 
 def test_the_client_cipher_order_wins_in_tls12() -> None:
@@ -131,7 +136,9 @@ def test_the_client_cipher_order_wins_in_tls12() -> None:
         "order.example.com",
     )
 
-    assert tls.cipher()[0] == "ECDHE-ECDSA-CHACHA20-POLY1305"
+    cipher = tls.cipher()
+    assert cipher is not None
+    assert cipher[0] == "ECDHE-ECDSA-CHACHA20-POLY1305"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

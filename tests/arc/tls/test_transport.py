@@ -143,7 +143,7 @@ class _Exploding(asyncio.Protocol):
 
 
 def _use_protocol(srv: Serving, protocol: type[asyncio.Protocol]) -> None:
-    srv.plane.http_protocol_factory = lambda **_: protocol  # type: ignore[method-assign,assignment,return-value]
+    srv.plane.http_protocol_factory = lambda **_: protocol  # type: ignore[method-assign]
 
 
 def test_the_transport_tells_the_protocol_about_the_connection(
