@@ -156,13 +156,22 @@ class Poller:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._closing = False
-        loop.add_reader(self._epoll.fileno(), self._ready)
+        self._epoll = self._open()
+
+    def _open(self) -> select.epoll:
+        epoll = select.epoll()
+        self.loop.add_reader(epoll.fileno(), self._ready)
+        return epoll
 
     def watch(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
         """Call ``handler(events)`` while ``fd`` is ready for ``events``."""
+        if self._epoll.closed:
+            # Closed when idle after its listener closed, while a connection
+            # accepted before was still reading its ClientHello or waiting
+            # for its certificate: it carries on in a set of its own.
+            self._epoll = self._open()
         self._epoll.register(fd, events)
         self._handlers[fd] = handler
 
@@ -182,7 +191,8 @@ class Poller:
             self._close()
 
     def close_when_idle(self) -> None:
-        """Close the set once nothing is watched any more."""
+        """Close the set once nothing is watched any more (a later ``watch``
+        opens a new one, which closes alike)."""
         self._closing = True
         if not self._handlers:
             self._close()

@@ -462,6 +462,48 @@ def test_closing_the_listener_keeps_open_connections(tmp_path: Path) -> None:
     assert answer[0] == "HTTP/1.1 200 OK"
 
 
+def test_a_hello_in_pieces_carries_on_after_the_listener_closes(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path) as srv:
+        srv.store.add("example.com")
+        client, incoming, outgoing, hello = _memory_client(
+            srv.client_context(), "example.com"
+        )
+
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.sendall(hello[:50])
+            time.sleep(0.1)  # accepted, waiting for the rest of its hello
+            srv.plane.call(srv.listener.close)
+            srv.plane.run(asyncio.sleep(0))
+            raw.sendall(hello[50:])
+            name = _finish_handshake(raw, client, incoming, outgoing)
+
+    assert name == "example.com"
+    assert srv.stats.handshakes == 1
+
+
+def test_a_fetch_in_progress_carries_on_after_the_listener_closes(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path) as srv:
+        srv.store.add("late.example.com")
+        srv.store.delay_s = 0.3
+        client, incoming, outgoing, hello = _memory_client(
+            srv.client_context(), "late.example.com"
+        )
+
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+            raw.sendall(hello)
+            time.sleep(0.1)  # Esper is fetching the context now
+            srv.plane.call(srv.listener.close)
+            name = _finish_handshake(raw, client, incoming, outgoing)
+
+    assert name == "late.example.com"
+    assert srv.stats.handshakes == 1
+
+
 def test_plain_listener_serves_http_on_ipv4_and_ipv6(tmp_path: Path) -> None:
     with serving(tmp_path, none_hosts=("plain.example.net",)) as srv:
         sockets = srv.plain_sockets
