@@ -28,10 +28,12 @@ What always holds
 - ``write`` never blocks: what the socket does not take waits in the
   transport's buffer, and above the high mark the protocol is told to pause.
 - ``close`` sends what is buffered, then ``close_notify``, then closes.
-  When the client has sent bytes that nobody read, the connection lingers
-  (write side shut, reading and discarding) until the client closes or
-  ``LINGER_S`` passes: closing with unread bytes would make the kernel
-  send a reset, which can destroy the end of the answer on its way.
+  When the client may still be sending (the protocol had stopped reading:
+  it refused a request body, or left requests unanswered), the connection
+  lingers (write side shut, reading and discarding) until the client
+  closes or ``LINGER_S`` passes: closing with bytes unread, or with more
+  on their way, would make the kernel send a reset, which can destroy the
+  end of the answer before the client reads it.
 - ``connection_lost`` is called once, soon after the close, never inside it.
 - An exception from the protocol is logged with its traceback and closes
   only that connection.
@@ -228,6 +230,7 @@ class TlsTransport(asyncio.Transport):
         "_events",
         "_fd",
         "_high",
+        "_linger",
         "_lingers",
         "_loop",
         "_low",
@@ -268,6 +271,7 @@ class TlsTransport(asyncio.Transport):
         self._protocol: Any = None
         self._owner = owner
         self._lingers = lingers
+        self._linger = False
         self._state = _HANDSHAKE
         self._events = _IN
         self._reading = True
@@ -485,10 +489,15 @@ class TlsTransport(asyncio.Transport):
         return self._state != _OPEN
 
     def close(self) -> None:
-        """Send what is buffered and ``close_notify``, then close."""
+        """Send what is buffered and ``close_notify``, then close.
+
+        If the protocol had stopped reading, the client may still be
+        sending: the socket lingers after the close (see :func:`linger`).
+        """
         if self._state != _OPEN:
             return
         self._state = _CLOSING
+        self._linger = not self._reading
         self._reading = False
         if self._pending:
             self._want(_OUT)
@@ -502,12 +511,12 @@ class TlsTransport(asyncio.Transport):
 
     def _shutdown(self) -> None:
         # Sends close_notify, then tries to read the client's, which is not
-        # awaited. Wanting to read means the socket had nothing more: it
-        # can close without a reset.
+        # awaited. Wanting to read means the socket had nothing more just
+        # now: unless the client may still be sending, it closes at once.
         try:
             self._ssl.shutdown()
         except ssl.SSLWantReadError:
-            self._finish(None)
+            self._finish(None, linger_on=self._linger)
             return
         except (ssl.SSLError, OSError):
             self._finish(None, linger_on=True)
@@ -525,8 +534,8 @@ class TlsTransport(asyncio.Transport):
     def _finish(self, exc: BaseException | None, linger_on: bool = False) -> None:
         """Release the socket and tell the protocol, once.
 
-        ``linger_on``: the client may have sent bytes nobody read; see
-        :func:`linger`.
+        ``linger_on``: the client may have sent bytes nobody read, or may
+        still be sending; see :func:`linger`.
         """
         self._state = _CLOSED
         if self._pending:
@@ -537,7 +546,7 @@ class TlsTransport(asyncio.Transport):
         if sock is not None:
             self._poller.forget(self._fd)
             if linger_on:
-                linger(self._loop, sock, self._lingers)
+                linger(self._loop, sock, self._lingers, self._linger)
             else:
                 sock.close()
         protocol, self._protocol = self._protocol, None
@@ -585,25 +594,33 @@ def _address_or(read: Callable[[], Any], default: Any) -> Any:
         return default
 
 
-def linger(loop: asyncio.AbstractEventLoop, sock: _socket.socket, clock: Clock) -> None:
+def linger(
+    loop: asyncio.AbstractEventLoop,
+    sock: _socket.socket,
+    clock: Clock,
+    more_may_come: bool = False,
+) -> None:
     """Close ``sock`` once the peer has nothing unread in it.
 
-    With nothing waiting (the usual case: one system call to see) it closes
-    at once. Otherwise the write side is shut, so the peer sees the end,
-    and whatever arrives is read and dropped until the peer closes or
-    ``clock`` runs out.
+    With nothing waiting (one system call to see) it closes at once, unless
+    ``more_may_come`` (the peer was still sending when reading stopped).
+    Otherwise the write side is shut, so the peer sees the end, and
+    whatever arrives is read and dropped until the peer closes or ``clock``
+    runs out.
     """
     try:
         waiting = sock.recv(1, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
-        sock.close()
-        return
+        if not more_may_come:
+            sock.close()
+            return
     except OSError:
         sock.close()
         return
-    if not waiting:
-        sock.close()
-        return
+    else:
+        if not waiting:
+            sock.close()  # the peer closed its side: nothing more comes
+            return
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:

@@ -345,6 +345,30 @@ def test_a_body_over_the_limit_by_content_length_gets_413(
     assert answer.startswith(b"HTTP/1.1 413 ")
 
 
+def test_a_client_still_uploading_over_tls_reads_its_413_without_a_reset(
+    plane: Plane, www: Path
+) -> None:
+    _, tls = shared(plane, www)
+    body = b"z" * 300_000
+    raw = socket.create_connection(("127.0.0.1", tls), timeout=5)
+    conn = client_context().wrap_socket(raw, server_hostname=HOST)
+
+    # The upload goes on in pieces after Arcology has answered and closed.
+    with conn:
+        conn.sendall(
+            b"POST / HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
+            % (HOST.encode(), len(body))
+        )
+        for start in range(0, len(body), 4096):
+            conn.sendall(body[start : start + 4096])
+            time.sleep(0.001)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
 def test_a_chunked_body_over_the_limit_gets_413(plane: Plane, www: Path) -> None:
     plain, _ = shared(plane, www)
     chunk = b"1f4\r\n" + b"z" * 500 + b"\r\n"
