@@ -48,9 +48,11 @@ connection: an idle one closes at once, a busy one after its answer.
 
 Flow control: reading pauses while requests wait behind the active one,
 while more than ``BODY_HIGH_WATER_BYTES`` of body waits for the application,
-and while the transport's write buffer is above its high mark (a client that
-does not read its answers gets no more of its requests read); a streaming
-response waits for the transport to drain.
+and while the transport's write buffer is above its high mark: a client that
+does not read its answers gets no more of its requests read, and the ones
+already read wait, unanswered, until it takes some (so its buffer stays near
+the mark whatever it pipelines). A streaming response waits for the
+transport to drain.
 
 WebSocket: an opening handshake routed to an ASGI application turns the
 connection into a ``WebSocketSession`` (``arc.http.websocket``), which then
@@ -306,10 +308,13 @@ class HttpProtocol(asyncio.Protocol):
         self._pause()
 
     def resume_writing(self) -> None:
-        """The transport buffer drained."""
+        """The transport buffer drained: answers wait no more."""
         self._write_paused = False
         self._wake_drain()
-        self._maybe_resume()
+        if self._active is None and self._queue and not self._advancing:
+            self._advance()
+        else:
+            self._maybe_resume()
 
     # -- parser callbacks (httptools) ---------------------------------------
 
@@ -420,9 +425,11 @@ class HttpProtocol(asyncio.Protocol):
             ex.keep_alive = False
             self._stop_reading()
         self._parsing = ex
-        if self._active is None and not self._queue:
+        if self._active is None and not self._queue and not self._write_paused:
             self._start(ex)
         else:
+            # Behind another, or the client is not taking its answers:
+            # answering now would only grow the transport's buffer.
             self._queue.append(ex)
             self._pause()
 
@@ -721,7 +728,12 @@ class HttpProtocol(asyncio.Protocol):
         # Answer the queued requests in order; inline answers finish at once.
         self._advancing = True
         try:
-            while self._active is None and self._queue and not self.closed:
+            while (
+                self._active is None
+                and self._queue
+                and not self.closed
+                and not self._write_paused
+            ):
                 self._start(self._queue.popleft())
         finally:
             self._advancing = False

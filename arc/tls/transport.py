@@ -27,6 +27,8 @@ What always holds
   reaches the client before the connection closes.
 - ``write`` never blocks: what the socket does not take waits in the
   transport's buffer, and above the high mark the protocol is told to pause.
+  A client that takes none of the waiting bytes for ``SEND_TIMEOUT_S`` is
+  dropped, whether the connection is open or closing.
 - ``close`` sends what is buffered, then ``close_notify``, then closes.
   When the client may still be sending (the protocol had stopped reading:
   it refused a request body, or left requests unanswered), the connection
@@ -65,6 +67,10 @@ READ_SIZE = 16 * 1024
 WRITE_HIGH_BYTES = 64 * 1024
 # How long a closed connection may keep draining what its client still sends.
 LINGER_S = 5.0
+# How long answers may wait for a client that takes none of their bytes
+# before the connection is dropped: a client that stops reading must not
+# hold its buffer and socket for ever. Long enough for a congested link.
+SEND_TIMEOUT_S = 60.0
 # Reads per readiness while lingering.
 DRAIN_READS = 16
 
@@ -239,10 +245,12 @@ class TlsTransport(asyncio.Transport):
         "_pending",
         "_pending_size",
         "_poller",
+        "_progress_at",
         "_protocol",
         "_reading",
         "_sock",
         "_ssl",
+        "_stall_timer",
         "_state",
         "_writing_paused",
     )
@@ -280,6 +288,10 @@ class TlsTransport(asyncio.Transport):
         self._high = WRITE_HIGH_BYTES
         self._low = WRITE_HIGH_BYTES // 4
         self._writing_paused = False
+        # While bytes wait for the client: when it last took some, and the
+        # timer that drops it after SEND_TIMEOUT_S without progress.
+        self._progress_at = 0.0
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     def _want(self, events: int) -> None:
         if events != self._events:
@@ -416,6 +428,11 @@ class TlsTransport(asyncio.Transport):
             self._pending.append(bytes(data))
             self._pending_size += len(data)
             self._want(self._events | _OUT)
+            self._progress_at = self._loop.time()
+            if self._stall_timer is None:
+                self._stall_timer = self._loop.call_later(
+                    SEND_TIMEOUT_S, self._check_stall
+                )
             self._check_high()
         except (ssl.SSLError, OSError) as exc:
             self._fatal(exc)
@@ -426,6 +443,8 @@ class TlsTransport(asyncio.Transport):
         self.write(b"".join(list_of_data))
 
     def _on_writable(self) -> None:
+        # Writable again: the client took bytes since the last try.
+        self._progress_at = self._loop.time()
         pending = self._pending
         # A retried write must start with the bytes of the refused one;
         # OpenSSL takes it up where it stopped.
@@ -440,6 +459,9 @@ class TlsTransport(asyncio.Transport):
             return
         pending.clear()
         self._pending_size = 0
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._state == _CLOSING:
             self._shutdown()
             return
@@ -450,6 +472,18 @@ class TlsTransport(asyncio.Transport):
                 self._protocol.resume_writing()
             except Exception as exc:
                 self._protocol_failed(exc, "resume_writing")
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if self._state == _CLOSED or not self._pending:
+            return
+        idle_s = self._loop.time() - self._progress_at
+        if idle_s >= SEND_TIMEOUT_S:
+            self._fatal(TimeoutError(f"the client took no data for {SEND_TIMEOUT_S} s"))
+            return
+        self._stall_timer = self._loop.call_later(
+            SEND_TIMEOUT_S - idle_s, self._check_stall
+        )
 
     def _check_high(self) -> None:
         if self._pending_size > self._high and not self._writing_paused:
@@ -541,6 +575,9 @@ class TlsTransport(asyncio.Transport):
         if self._pending:
             self._pending.clear()
             self._pending_size = 0
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         sock, self._sock = self._sock, None
         self._ssl = None
         if sock is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 import arc.http.server as server_module
+import arc.tls.transport as transport_module
 from arc.config import ServiceConfig
 from arc.http.redirect import redirect_location
 from tests.arc.http.harness import CA, Plane, client_context, raw_exchange
@@ -367,6 +369,69 @@ def test_a_client_still_uploading_over_tls_reads_its_413_without_a_reset(
             answer += chunk
 
     assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+def _tls_client(port: int, receive_buffer_bytes: int) -> ssl.SSLSocket:
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", port))
+    return client_context().wrap_socket(raw, server_hostname=HOST)
+
+
+async def _buffered_bytes(plane: Plane) -> int:
+    """What Arcology's connections hold for their clients (on the loop)."""
+    return sum(
+        c.transport.get_write_buffer_size()
+        for c in plane.dataplane.connections
+        if c.transport is not None
+    )
+
+
+def _pipelined_gets(path: bytes, count: int) -> bytes:
+    one = b"GET " + path + b" HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\n"
+    return (one + b"\r\n") * (count - 1) + one + b"Connection: close\r\n\r\n"
+
+
+def test_pipelined_answers_wait_while_the_client_takes_none(
+    plane: Plane, www: Path
+) -> None:
+    (www / "big.bin").write_bytes(b"b" * 60_000)
+    _, tls = shared(plane, www)
+
+    with _tls_client(tls, 4096) as conn:
+        conn.sendall(_pipelined_gets(b"/big.bin", 100))
+        time.sleep(0.5)  # the client's buffers are full; the rest must wait
+        buffered = plane.dataplane.run(_buffered_bytes(plane))
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        answers = b""
+        while chunk := conn.recv(1 << 20):
+            answers += chunk
+
+    assert buffered < 512 * 1024
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 100
+    assert answers.count(b"b" * 60_000) == 100
+
+
+def test_a_client_that_takes_no_answer_bytes_is_dropped(
+    plane: Plane, www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transport_module, "SEND_TIMEOUT_S", 0.3)
+    (www / "big.bin").write_bytes(b"b" * 60_000)
+    _, tls = shared(plane, www)
+
+    with _tls_client(tls, 4096) as conn:
+        conn.sendall(_pipelined_gets(b"/big.bin", 100))
+        deadline = time.monotonic() + 5
+        stalled = 0
+        while time.monotonic() < deadline and not stalled:
+            stalled = plane.dataplane.run(_buffered_bytes(plane))
+        while time.monotonic() < deadline and plane.dataplane.connections:
+            time.sleep(0.05)
+        left = len(plane.dataplane.connections)
+
+    assert stalled > 0  # answers waited for the client ...
+    assert left == 0  # ... until it was dropped
 
 
 def test_a_chunked_body_over_the_limit_gets_413(plane: Plane, www: Path) -> None:
