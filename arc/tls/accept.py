@@ -281,8 +281,8 @@ class TlsListener:
         """Apply new settings (a reload) to connections from now on; on the loop."""
         self.fallback = fallback
         self.handshake_timeout_s = handshake_timeout_s
-        self.clock.timeout_s = handshake_timeout_s
-        self.handshakes.timeout_s = handshake_timeout_s
+        self.clock.set_timeout(handshake_timeout_s)
+        self.handshakes.set_timeout(handshake_timeout_s)
 
     # -- accepting ---------------------------------------------------------------
 

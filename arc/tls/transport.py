@@ -120,6 +120,16 @@ class Clock:
             )
         return now
 
+    def set_timeout(self, timeout_s: float) -> None:
+        """Change the timeout of every item, queued ones included."""
+        self.timeout_s = timeout_s
+        if self._timer is not None and self._items:
+            # A shorter timeout brings the oldest deadline forward.
+            self._timer.cancel()
+            self._timer = self.loop.call_at(
+                self.deadline(self._items[0][0]) + self.slack_s, self._fire
+            )
+
     def deadline(self, added_at: float) -> float:
         """The deadline of an item added at ``added_at``."""
         return added_at + self.timeout_s

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from arc.tls.transport import TlsTransport
+from arc.tls.transport import Clock, TlsTransport
 from tests.arc.tls.serving import Serving, request, s_client, serving
 
 
@@ -221,3 +221,22 @@ def test_many_connections_at_once_all_complete(tmp_path: Path) -> None:
     assert len(results) == 40
     assert all(r.endswith(b"hello from site") for r in results)
     assert srv.stats.handshakes == 40
+
+
+def test_a_shorter_clock_timeout_brings_queued_deadlines_forward() -> None:
+    expired: list[str] = []
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        clock = Clock(loop, 5.0, expired.append, slack_s=0.01)
+        clock.add("first")
+        started = loop.time()
+        clock.set_timeout(0.05)
+        while not expired and loop.time() - started < 2:
+            await asyncio.sleep(0.01)
+        return loop.time() - started
+
+    waited_s = asyncio.run(run())
+
+    assert expired == ["first"]
+    assert waited_s < 1
