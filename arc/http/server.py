@@ -25,7 +25,9 @@ the routing table in force (``dataplane.routes``, read per request):
   ``https://HOST:tlsPort/PATH?QUERY``;
 - HTTPS answers carry ``Strict-Transport-Security`` from the settings.
 
-Limits (the peer broke HTTP: answer, then close):
+Limits (the peer broke HTTP: answer, then close; a client that may still be
+sending is read from and ignored for up to ``LINGER_S`` first, so that it
+reads the answer rather than a reset):
 16 KiB of request line and headers (431), a body over ``max_body_bytes``
 (413, seen from Content-Length before any byte of it, or while a chunked body
 streams), malformed framing (400), no complete headers within
@@ -92,6 +94,10 @@ RAW_HEAD_GUARD_BYTES = MAX_HEADER_BYTES + 64 * 1024
 KEEP_ALIVE_IDLE_S = 5.0
 # Request body waiting for the application before reading pauses.
 BODY_HIGH_WATER_BYTES = 256 * 1024
+# How long a plain connection closed while its client may still be sending
+# goes on reading (and dropping) what comes: closing with bytes unread would
+# make the kernel reset the connection under the answer.
+LINGER_S = 5.0
 
 # What the connection waits for, for the one timer: nothing the client owes
 # (an answer is being made), the next request, the rest of a request head,
@@ -139,6 +145,8 @@ class HttpProtocol(asyncio.Protocol):
     _addresses: tuple[tuple[str, int] | None, tuple[str, int] | None] | None = None
     # The WebSocket this connection was upgraded to, if any.
     _websocket: WebSocketSession | None = None
+    # Set while a closed plain connection lingers (see _linger).
+    _linger_timer: asyncio.TimerHandle | None = None
 
     def __init__(
         self,
@@ -301,6 +309,9 @@ class HttpProtocol(asyncio.Protocol):
             self._wake_drain()
         if self._websocket is not None:
             self._websocket.lost()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
 
     def pause_writing(self) -> None:
         """The transport buffer is high: stop reading, streaming responses wait."""
@@ -781,8 +792,38 @@ class HttpProtocol(asyncio.Protocol):
         self._stop_parsing = True
         if not self.closed:
             self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+            transport = self.transport
+            if transport is None:
+                return
+            if (
+                self._reading_paused
+                and not self._write_paused
+                and not self.is_tls
+                and transport.can_write_eof()
+            ):
+                self._linger(transport)
+            else:
+                transport.close()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        # Arcology stopped reading a request it refused or left unanswered,
+        # so the client may still be sending: the answer goes out with a FIN,
+        # and what still comes is read and dropped until the client closes
+        # or LINGER_S passes. (The TLS transport does this by itself.)
+        transport.write_eof()
+        transport.resume_reading()
+        self._linger_timer = self.loop.call_later(LINGER_S, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._linger_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            # The answer itself is still on its way: give it the time.
+            self._linger_timer = self.loop.call_later(LINGER_S, self._end_linger)
+            return
+        transport.close()
 
     # -- errors of the peer --------------------------------------------------
 

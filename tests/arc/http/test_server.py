@@ -347,19 +347,24 @@ def test_a_body_over_the_limit_by_content_length_gets_413(
     assert answer.startswith(b"HTTP/1.1 413 ")
 
 
-def test_a_client_still_uploading_over_tls_reads_its_413_without_a_reset(
-    plane: Plane, www: Path
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_a_client_still_uploading_reads_its_413_without_a_reset(
+    plane: Plane, www: Path, tls: bool
 ) -> None:
-    _, tls = shared(plane, www)
+    plain_port, tls_port = shared(plane, www)
+    host = HOST if tls else "opt.example.com"  # a service that takes plain HTTP
     body = b"z" * 300_000
-    raw = socket.create_connection(("127.0.0.1", tls), timeout=5)
-    conn = client_context().wrap_socket(raw, server_hostname=HOST)
+    conn = socket.create_connection(
+        ("127.0.0.1", tls_port if tls else plain_port), timeout=5
+    )
+    if tls:
+        conn = client_context().wrap_socket(conn, server_hostname=HOST)
 
     # The upload goes on in pieces after Arcology has answered and closed.
     with conn:
         conn.sendall(
             b"POST / HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
-            % (HOST.encode(), len(body))
+            % (host.encode(), len(body))
         )
         for start in range(0, len(body), 4096):
             conn.sendall(body[start : start + 4096])
