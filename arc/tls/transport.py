@@ -246,11 +246,11 @@ class TlsTransport(asyncio.Transport):
         "_events",
         "_fd",
         "_high",
-        "_linger",
         "_lingers",
         "_loop",
         "_low",
         "_make_protocol",
+        "_more_may_come",
         "_owner",
         "_pending",
         "_pending_size",
@@ -289,7 +289,7 @@ class TlsTransport(asyncio.Transport):
         self._protocol: Any = None
         self._owner = owner
         self._lingers = lingers
-        self._linger = False
+        self._more_may_come = False
         self._state = _HANDSHAKE
         self._events = _IN
         self._reading = True
@@ -541,7 +541,7 @@ class TlsTransport(asyncio.Transport):
         if self._state != _OPEN:
             return
         self._state = _CLOSING
-        self._linger = not self._reading
+        self._more_may_come = not self._reading
         self._reading = False
         if self._pending:
             self._want(_OUT)
@@ -560,7 +560,7 @@ class TlsTransport(asyncio.Transport):
         try:
             self._ssl.shutdown()
         except ssl.SSLWantReadError:
-            self._finish(None, linger_on=self._linger)
+            self._finish(None, linger_on=self._more_may_come)
             return
         except (ssl.SSLError, OSError):
             self._finish(None, linger_on=True)
@@ -593,7 +593,7 @@ class TlsTransport(asyncio.Transport):
         if sock is not None:
             self._poller.forget(self._fd)
             if linger_on:
-                linger(self._loop, sock, self._lingers, self._linger)
+                linger(self._loop, sock, self._lingers, self._more_may_come)
             else:
                 sock.close()
         protocol, self._protocol = self._protocol, None

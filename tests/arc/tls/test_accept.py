@@ -8,6 +8,8 @@ import ssl
 import statistics
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -340,6 +342,23 @@ COMPAT_CCS = bytes((0x14, 0x03, 0x03, 0x00, 0x01, 0x01))
 EARLY_DATA = bytes((0x17, 0x03, 0x03, 0x00, 0x05)) + b"hello"
 
 
+@contextmanager
+def _fetching(
+    srv: Serving,
+) -> Iterator[tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]]:
+    """A connection whose ClientHello waits while its context is fetched
+    (slowly): the socket and the memory-buffer client, for _finish_handshake."""
+    srv.store.add("late.example.com")
+    srv.store.delay_s = 0.3
+    client, incoming, outgoing, hello = _memory_client(
+        srv.client_context(), "late.example.com"
+    )
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
+        raw.sendall(hello)
+        time.sleep(0.1)  # Esper is fetching the context now
+        yield raw, client, incoming, outgoing
+
+
 @pytest.mark.parametrize(
     ("extra", "accepted"), [(COMPAT_CCS, True), (EARLY_DATA, False)]
 )
@@ -347,15 +366,7 @@ def test_bytes_sent_while_the_context_is_fetched_reach_the_handshake(
     tmp_path: Path, extra: bytes, accepted: bool
 ) -> None:
     with serving(tmp_path) as srv:
-        srv.store.add("late.example.com")
-        srv.store.delay_s = 0.3
-        client, incoming, outgoing, hello = _memory_client(
-            srv.client_context(), "late.example.com"
-        )
-
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
-            raw.sendall(hello)
-            time.sleep(0.1)  # Esper is fetching the context now
+        with _fetching(srv) as (raw, client, incoming, outgoing):
             raw.sendall(extra)
             name = _finish_handshake(raw, client, incoming, outgoing)
             deadline = time.monotonic() + 5
@@ -488,15 +499,7 @@ def test_a_fetch_in_progress_carries_on_after_the_listener_closes(
     tmp_path: Path,
 ) -> None:
     with serving(tmp_path) as srv:
-        srv.store.add("late.example.com")
-        srv.store.delay_s = 0.3
-        client, incoming, outgoing, hello = _memory_client(
-            srv.client_context(), "late.example.com"
-        )
-
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw:
-            raw.sendall(hello)
-            time.sleep(0.1)  # Esper is fetching the context now
+        with _fetching(srv) as (raw, client, incoming, outgoing):
             srv.plane.call(srv.listener.close)
             name = _finish_handshake(raw, client, incoming, outgoing)
 
