@@ -661,9 +661,7 @@ class HttpProtocol(asyncio.Protocol):
         ex.status = status
         ex.response_started = True
         ex.response_done = True
-        head = self._head(
-            ex, status_line(status) + extra + b"content-length: %d\r\n" % len(body)
-        )
+        head = self._head(ex, _answer_start(status, extra, len(body)))
         if ex.method == "HEAD" or not body:
             self.write(head)
         else:
@@ -856,8 +854,7 @@ class HttpProtocol(asyncio.Protocol):
             ex.response_started = True
             ex.response_done = True
             ex.sent_bytes = len(body)
-            start = status_line(status) + b"content-length: %d\r\n" % len(body)
-            self.write(self._head(ex, start) + body)
+            self.write(self._head(ex, _answer_start(status, b"", len(body))) + body)
         ex.lost()
         if ex.task is None:
             self.finish(ex)
@@ -983,6 +980,11 @@ class _HeaderClock:
 
 # What HttpProtocol._timer holds while its deadline waits on a _HeaderClock.
 _ON_CLOCK = cast(asyncio.TimerHandle, object())
+
+
+def _answer_start(status: int, headers: bytes, length: int) -> bytes:
+    """The status line, ``headers`` and the length: what ``_head`` completes."""
+    return status_line(status) + headers + b"content-length: %d\r\n" % length
 
 
 def _address(value: Any) -> tuple[str, int] | None:

@@ -115,9 +115,7 @@ class Clock:
         now = self.loop.time()
         self._items.append((now, item))
         if self._timer is None:
-            self._timer = self.loop.call_at(
-                self.deadline(now) + self.slack_s, self._fire
-            )
+            self._arm(now)
         return now
 
     def set_timeout(self, timeout_s: float) -> None:
@@ -126,9 +124,7 @@ class Clock:
         if self._timer is not None and self._items:
             # A shorter timeout brings the oldest deadline forward.
             self._timer.cancel()
-            self._timer = self.loop.call_at(
-                self.deadline(self._items[0][0]) + self.slack_s, self._fire
-            )
+            self._arm(self._items[0][0])
 
     def deadline(self, added_at: float) -> float:
         """The deadline of an item added at ``added_at``."""
@@ -145,9 +141,12 @@ class Clock:
             except Exception:
                 log.opt(exception=True).error("connection clock failed")
         if items:
-            self._timer = self.loop.call_at(
-                self.deadline(items[0][0]) + self.slack_s, self._fire
-            )
+            self._arm(items[0][0])
+
+    def _arm(self, oldest_added_at: float) -> None:
+        self._timer = self.loop.call_at(
+            self.deadline(oldest_added_at) + self.slack_s, self._fire
+        )
 
 
 class TlsSocket(_socket.socket):
